@@ -1,0 +1,40 @@
+"""gpubo: budgeted GPU buffer objects that spill straight into a swap-slot store.
+
+The public API is what this module exports; everything else is private.
+"""
+
+from gpubo._bo import BufferObject, State
+from gpubo._errors import (
+    BufferBusy,
+    BufferFreed,
+    DeviceError,
+    GpuboError,
+    IntegrityError,
+    ManagerClosed,
+    OutOfDeviceMemory,
+    StoreError,
+    StoreFull,
+)
+from gpubo._manager import Manager, Stats
+from gpubo._units import format_bytes, parse_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BufferBusy",
+    "BufferFreed",
+    "BufferObject",
+    "DeviceError",
+    "GpuboError",
+    "IntegrityError",
+    "Manager",
+    "ManagerClosed",
+    "OutOfDeviceMemory",
+    "State",
+    "Stats",
+    "StoreError",
+    "StoreFull",
+    "__version__",
+    "format_bytes",
+    "parse_bytes",
+]

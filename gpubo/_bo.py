@@ -1,0 +1,199 @@
+"""Buffer objects: a handle on bytes that live on the device or in the store."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import pyopencl as cl
+
+from gpubo._units import format_bytes
+
+if TYPE_CHECKING:
+    from gpubo._manager import Manager
+    from gpubo.store.lmdb_store import Entry
+
+__all__ = ["ALLOWED_MOVES", "BufferObject", "State"]
+
+
+class State(enum.Enum):
+    """Where a buffer object's bytes are."""
+
+    RESIDENT = "resident"  #: in a device buffer
+    SWAPPED = "swapped"  #: in a store entry, no device buffer
+    FREED = "freed"  #: gone; every use raises BufferFreed
+
+
+#: The state machine: which moves are allowed from each state.
+ALLOWED_MOVES: dict[State, frozenset[State]] = {
+    State.RESIDENT: frozenset({State.SWAPPED, State.FREED}),
+    State.SWAPPED: frozenset({State.RESIDENT, State.FREED}),
+    State.FREED: frozenset(),
+}
+
+
+class BufferObject:
+    """A managed device buffer of ``nbytes`` bytes.
+
+    Created by :meth:`Manager.alloc`. Every method that touches the bytes
+    (read, write, pin, restore, being passed to :meth:`Manager.launch`) makes
+    the BO resident first, and counts as a use for LRU order. All the work is
+    done by the manager; this class holds the state and the public surface.
+
+    Notes:
+        Thread-safe. Fields are grouped by what protects them:
+
+        * constant after init: ``manager``, ``id``, ``nbytes``, ``name``,
+          ``priority``, ``store_footprint``;
+        * ``lock`` (the BO lock, held while the BO's bytes move or are read or
+          written): ``buf``, ``entry``;
+        * the manager's lock: ``pin_count``, ``events``; ``state`` is written
+          with both locks held, so either one is enough to read it.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "buf",
+        "entry",
+        "events",
+        "id",
+        "lock",
+        "manager",
+        "name",
+        "nbytes",
+        "pin_count",
+        "priority",
+        "state",
+        "store_footprint",
+    )
+
+    def __init__(
+        self,
+        manager: Manager,
+        bo_id: int,
+        nbytes: int,
+        name: str | None,
+        priority: int,
+        store_footprint: int,
+        buf: cl.Buffer,
+    ) -> None:
+        self.manager = manager
+        self.id = bo_id
+        self.nbytes = nbytes
+        self.name = name
+        self.priority = priority
+        self.store_footprint = store_footprint
+        self.lock = threading.Lock()
+        self.buf: cl.Buffer | None = buf
+        self.entry: Entry | None = None
+        self.state = State.RESIDENT
+        self.pin_count = 0
+        self.events: list[cl.Event] = []
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def pinned(self) -> bool:
+        """True while inside a ``with bo.pin()`` block (or a launch is enqueuing it)."""
+        return self.pin_count > 0
+
+    @property
+    def busy(self) -> bool:
+        """True while a launched kernel that uses this BO has not completed."""
+        return self.manager._bo_busy(self)
+
+    def write(self, data: Any, offset: int = 0) -> None:
+        """Copy ``data`` (a numpy array or bytes-like) into the BO at byte ``offset``.
+
+        Restores the BO first if it is swapped (a write that covers the whole
+        BO skips reading the old bytes back).
+
+        Raises:
+            TypeError: ``data`` is not bytes-like or is an object array.
+            ValueError: ``data`` is not C-contiguous, or ``offset`` is negative
+                or the bytes do not fit.
+            BufferFreed: the BO was freed.
+            OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
+        """
+        self.manager._bo_write(self, data, offset)
+
+    def read(self, dtype: npt.DTypeLike = np.uint8, count: int = -1, offset: int = 0) -> np.ndarray:
+        """Return a copy of ``count`` items of ``dtype`` starting at byte ``offset``.
+
+        ``count=-1`` reads to the end of the BO (whose remaining size must then
+        be a multiple of the item size).
+
+        Raises:
+            TypeError: ``dtype`` is not a numpy dtype or holds objects.
+            ValueError: ``offset`` or ``count`` out of range.
+            BufferFreed: the BO was freed.
+            OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
+        """
+        return self.manager._bo_read(self, dtype, count, offset)
+
+    @contextmanager
+    def pin(self) -> Iterator[cl.Buffer]:
+        """Make the BO resident and keep it so for the ``with`` block.
+
+        Yields the ``pyopencl.Buffer``; it is valid only inside the block.
+
+        Raises:
+            BufferFreed: the BO was freed.
+            OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
+        """
+        buf = self.manager._bo_pin(self)
+        try:
+            yield buf
+        finally:
+            self.manager._bo_unpin(self)
+
+    def evict(self) -> None:
+        """Swap the BO out now (waiting for kernels using it). No-op if swapped.
+
+        Raises:
+            BufferBusy: the BO is pinned.
+            BufferFreed: the BO was freed.
+            StoreFull: the store has no room; the BO stays resident.
+        """
+        self.manager._bo_evict(self)
+
+    def restore(self) -> None:
+        """Make the BO resident now. No-op if it is resident.
+
+        Raises:
+            BufferFreed: the BO was freed.
+            OutOfDeviceMemory, StoreFull, IntegrityError: see :meth:`read`.
+        """
+        self.manager._bo_restore(self)
+
+    def free(self) -> None:
+        """Give back the BO's device memory and store space. Idempotent.
+
+        Waits for kernels still using the BO.
+
+        Raises:
+            BufferBusy: the BO is pinned.
+        """
+        self.manager._bo_free(self)
+
+    def __enter__(self) -> BufferObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    def __repr__(self) -> str:
+        label = f"#{self.id}" + (f" {self.name!r}" if self.name else "")
+        return (
+            f"<BufferObject {label} {format_bytes(self.nbytes)} {self.state.name}"
+            f" prio={self.priority} pins={self.pin_count} pending_events={len(self.events)}>"
+        )
+
+    def label(self) -> str:
+        """A short name for messages: ``'weights' (#3)`` or ``#3``."""
+        return f"{self.name!r} (#{self.id})" if self.name else f"#{self.id}"

@@ -1,0 +1,828 @@
+"""The manager: device budget, LRU, buffer pool and store, and the only code
+that moves a buffer object's bytes (through :mod:`gpubo._transfer`).
+
+Lock order (take them in this order, never the reverse):
+
+1. ``Manager._room_lock`` (re-entrant): held by the one thread that is making
+   room on the device, i.e. evicting other BOs, and by restores and launches,
+   which may need room.
+2. ``BufferObject.lock``: held while one BO's bytes are copied, read or
+   written. A thread that needs room takes ``_room_lock`` *before* the BO
+   lock; a thread holding ``_room_lock`` only *try*-locks victims.
+3. ``Manager._lock``: bookkeeping only (LRU, byte counters, pins, events);
+   never held across a copy, an allocation or a wait for the device.
+
+Why no deadlock: the evictor never blocks on a BO lock; it skips BOs that
+another thread holds and, if nothing else can be evicted, waits briefly and
+walks again. Every other holder of a resident BO's lock finishes without
+needing ``_room_lock`` (reads, writes, evict, free), so the wait ends.
+
+Budget accounting: ``_charged_bytes`` is every byte of device memory the
+manager holds or is about to hold: resident BOs, the buffer pool, and
+buffers in flight (being allocated, restored or released). It never exceeds
+the budget. Accounting only says yes or no (``_try_charge_locked``); the
+callers decide what to evict.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyopencl as cl
+
+from gpubo._bo import ALLOWED_MOVES, BufferObject, State
+from gpubo._errors import BufferBusy, BufferFreed, GpuboError, ManagerClosed, OutOfDeviceMemory, StoreError, StoreFull
+from gpubo._lru import LRU, NUM_PRIORITIES
+from gpubo._transfer import swap_in, swap_out
+from gpubo._units import format_bytes, parse_bytes
+from gpubo.backends.opencl import OpenCLBackend
+from gpubo.store.lmdb_store import Entry, LmdbStore
+
+__all__ = ["Manager", "Stats"]
+
+log = logging.getLogger(__name__)
+
+#: How long an eviction walk keeps waiting for BOs that other threads hold
+#: before it gives up with OutOfDeviceMemory (a guard, not a tuning knob).
+_ROOM_TIMEOUT_S = 60.0
+_NO_ROOM = object()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of a manager's counters; every field is an int.
+
+    ``resident_bytes`` counts BOs on the device; ``pooled_bytes`` counts freed
+    or evicted device buffers kept for reuse (they count against the budget
+    too, and are released before any BO is evicted).
+    """
+
+    budget: int
+    resident_bytes: int
+    swapped_bytes: int
+    pinned_bytes: int
+    bo_count: int
+    evictions: int
+    restores: int
+    bytes_evicted: int
+    bytes_restored: int
+    pooled_bytes: int
+    store_capacity_bytes: int
+    store_used_bytes: int
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _as_byte_array(data: Any) -> np.ndarray:
+    """A flat uint8 view of ``data`` without copying it."""
+    if isinstance(data, np.ndarray):
+        if data.dtype.hasobject:
+            raise TypeError("data: arrays of Python objects cannot be written")
+        if not data.flags.c_contiguous:
+            raise ValueError("data must be C-contiguous (use numpy.ascontiguousarray)")
+        return data.reshape(-1).view(np.uint8)
+    if isinstance(data, str):
+        raise TypeError("data must be a numpy array or bytes-like, not str (encode it first)")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"data must be a numpy array or bytes-like, got {type(data).__name__}") from None
+    if not view.c_contiguous:
+        raise ValueError("data must be C-contiguous")
+    if view.nbytes == 0:
+        return np.empty(0, np.uint8)
+    return np.frombuffer(view, np.uint8)
+
+
+class Manager:
+    """Owns an OpenCL device, a device-memory budget, an LRU of buffer objects
+    and a swap-slot store, and moves BOs between the device and the store.
+
+    Args:
+        budget: device bytes the manager may use (int or ``"256MiB"``).
+        store: None for a private temporary LMDB store deleted on close, or
+            the path of a store directory (created if missing).
+        store_size: size of the store; also the most bytes of live BOs the
+            manager admits, so that every BO can always be swapped out.
+        device: None (a GPU if present, else any OpenCL device), or a
+            ``pyopencl.Device`` or ``pyopencl.Context``.
+        checksums: keep an xxh3-64 checksum per stored chunk and verify it on
+            every restore.
+
+    Raises:
+        TypeError, ValueError: an argument is of the wrong type or out of range.
+        DeviceError: no OpenCL device could be opened.
+        StoreError: the store cannot be created or opened.
+
+    Notes:
+        Thread-safe; see the module docstring for the lock order. Fields:
+
+        * constant after init: ``backend``, ``store``, ``budget``;
+        * ``_lock``: ``_bos``, ``_lru``, ``_pool``, every ``*_bytes`` counter,
+          the statistics, ``_closed``, and each BO's ``pin_count`` and
+          ``events``.
+    """
+
+    def __init__(
+        self,
+        budget: int | str = "256MiB",
+        store: str | os.PathLike[str] | None = None,
+        store_size: int | str = "2GiB",
+        device: cl.Device | cl.Context | None = None,
+        *,
+        checksums: bool = True,
+    ) -> None:
+        self.budget: int = parse_bytes(budget, "budget")
+        if self.budget == 0:
+            raise ValueError("budget must be positive")
+        store_bytes = parse_bytes(store_size, "store_size")
+        if store is not None and not isinstance(store, (str, os.PathLike)):
+            raise TypeError(f"store must be None or a path, got {type(store).__name__}")
+        if not isinstance(checksums, bool):
+            raise TypeError("checksums must be a bool")
+        self.backend = OpenCLBackend(device)
+        if self.budget > self.backend.global_mem_bytes:
+            log.warning(
+                "budget %s exceeds the device's memory %s; the device will run out first",
+                format_bytes(self.budget),
+                format_bytes(self.backend.global_mem_bytes),
+            )
+        self.store = LmdbStore(store, store_bytes, checksums=checksums)
+        self._close_store = weakref.finalize(self, self.store.close)
+
+        self._room_lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._ids = itertools.count(1)
+        # Protected by _lock:
+        self._closed = False
+        self._bos: dict[int, BufferObject] = {}
+        self._lru: LRU[BufferObject] = LRU()
+        self._pool: dict[int, list[cl.Buffer]] = {}
+        self._charged_bytes = 0
+        self._resident_bytes = 0
+        self._pooled_bytes = 0
+        self._swapped_bytes = 0
+        self._pinned_bytes = 0
+        self._store_committed_bytes = 0
+        self._evictions = 0
+        self._restores = 0
+        self._bytes_evicted = 0
+        self._bytes_restored = 0
+        log.info(
+            "gpubo manager on %s: budget %s, store %s (%s)",
+            self.backend.name,
+            format_bytes(self.budget),
+            self.store.path,
+            format_bytes(self.store.size_bytes),
+        )
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def context(self) -> cl.Context:
+        """The pyopencl context every BO lives in."""
+        return self.backend.context
+
+    @property
+    def queue(self) -> cl.CommandQueue:
+        """The in-order pyopencl queue gpubo copies and launches on."""
+        return self.backend.queue
+
+    def alloc(self, nbytes: int, name: str | None = None, priority: int = 0) -> BufferObject:
+        """A new resident, zero-filled BO of ``nbytes``, evicting LRU BOs if needed.
+
+        Raises:
+            TypeError, ValueError: bad ``nbytes`` (must be an int > 0),
+                ``name`` (str or None) or ``priority`` (0 to 3).
+            OutOfDeviceMemory: ``nbytes`` exceeds the budget or the device's
+                largest allocation (nothing is evicted then), or the room
+                cannot be made.
+            StoreFull: the store could not hold every live BO plus this one.
+            ManagerClosed: the manager was closed.
+        """
+        nbytes = _check_int(nbytes, "nbytes", 1)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+        priority = _check_int(priority, "priority", 0)
+        if priority >= NUM_PRIORITIES:
+            raise ValueError(f"priority must be in 0..{NUM_PRIORITIES - 1}, got {priority}")
+        limit = min(self.budget, self.backend.max_alloc_bytes)
+        if nbytes > limit:
+            what = "budget" if nbytes > self.budget else "device's largest allocation"
+            raise OutOfDeviceMemory(
+                f"cannot allocate {format_bytes(nbytes)}: larger than the {what} ({format_bytes(limit)})",
+                nbytes=nbytes,
+                budget=self.budget,
+            )
+        footprint = self.store.footprint(nbytes)
+        with self._lock:
+            self._check_open_locked()
+            committed = self._store_committed_bytes
+            if committed + footprint > self.store.capacity_bytes:
+                raise StoreFull(
+                    f"the store cannot back {format_bytes(nbytes)} more: "
+                    f"{format_bytes(committed)} of {format_bytes(self.store.capacity_bytes)} "
+                    "already promised to live buffers (raise store_size)",
+                    nbytes=nbytes,
+                    free_bytes=self.store.capacity_bytes - committed,
+                )
+            self._store_committed_bytes += footprint
+        try:
+            buf = self._new_buffer(nbytes, zero=True)
+        except BaseException:
+            with self._lock:
+                self._store_committed_bytes -= footprint
+            raise
+        with self._lock:
+            bo = BufferObject(self, next(self._ids), nbytes, name, priority, footprint, buf)
+            if self._closed:  # close() ran while we allocated
+                self._store_committed_bytes -= footprint
+                bo.state = State.FREED
+                closed = True
+            else:
+                closed = False
+                self._bos[bo.id] = bo
+                self._resident_bytes += nbytes
+                self._lru.add(bo)
+        if closed:
+            self._release(buf, nbytes)
+            raise ManagerClosed("the manager was closed")
+        log.debug("alloc %r", bo)
+        return bo
+
+    def launch(
+        self,
+        kernel: cl.Kernel,
+        global_size: Sequence[int],
+        local_size: Sequence[int] | None,
+        *args: Any,
+        wait_for: Sequence[cl.Event] | None = None,
+    ) -> cl.Event:
+        """Enqueue ``kernel`` with ``args``, making every BO argument resident.
+
+        BO arguments are passed as their ``pyopencl.Buffer``; they are made
+        resident together and stay busy until the returned event completes.
+
+        Raises:
+            TypeError: ``kernel`` is not a ``pyopencl.Kernel``.
+            ValueError: a BO argument belongs to another manager.
+            BufferFreed: a BO argument was freed.
+            OutOfDeviceMemory: the BO arguments cannot fit the budget together
+                (checked before anything is evicted), or room cannot be made.
+            DeviceError: OpenCL refused the launch.
+        """
+        if not isinstance(kernel, cl.Kernel):
+            raise TypeError(f"kernel must be a pyopencl.Kernel, got {type(kernel).__name__}")
+        self._check_open()
+        bos: dict[int, BufferObject] = {}
+        for index, arg in enumerate(args):
+            if isinstance(arg, BufferObject):
+                if arg.manager is not self:
+                    raise ValueError(f"argument {index} ({arg.label()}) belongs to another manager")
+                bos[arg.id] = arg
+        total = sum(bo.nbytes for bo in bos.values())
+        pinned: list[BufferObject] = []
+        try:
+            with self._room_lock:
+                with self._lock:
+                    others = self._pinned_bytes - sum(bo.nbytes for bo in bos.values() if bo.pin_count)
+                if total + others > self.budget:
+                    raise OutOfDeviceMemory(
+                        f"kernel arguments need {format_bytes(total)} resident together; budget is "
+                        f"{format_bytes(self.budget)} with {format_bytes(others)} pinned elsewhere",
+                        nbytes=total,
+                        budget=self.budget,
+                    )
+                for bo in sorted(bos.values(), key=lambda b: b.id):
+                    self._bo_pin(bo)
+                    pinned.append(bo)
+            cl_args = [arg.buf if isinstance(arg, BufferObject) else arg for arg in args]
+            event = self.backend.launch(kernel, global_size, local_size, cl_args, wait_for)
+            with self._lock:
+                for bo in pinned:
+                    self._prune_events_locked(bo)
+                    bo.events.append(event)
+        finally:
+            for bo in pinned:
+                self._bo_unpin(bo)
+        return event
+
+    def evict(self, nbytes: int | str) -> int:
+        """Free at least ``nbytes`` of device memory if possible; return bytes freed.
+
+        Pooled buffers go first, then least recently used idle BOs, then busy
+        ones (after waiting for their kernels). Pinned BOs, and BOs another
+        thread is using right now, are skipped.
+
+        Raises:
+            TypeError, ValueError: bad ``nbytes``.
+            StoreFull: the store refused a victim (it stays resident).
+            ManagerClosed: the manager was closed.
+        """
+        want = parse_bytes(nbytes, "nbytes")
+        self._check_open()
+        with self._room_lock:
+            freed = self._drain_pool(want)
+            while freed < want:
+                with self._lock:
+                    victim, _ = self._pick_victim_locked()
+                if victim is None:
+                    break
+                try:
+                    self._swap_out_locked(victim, keep_buffer=False)
+                finally:
+                    victim.lock.release()
+                freed += victim.nbytes
+        return freed
+
+    def stats(self) -> Stats:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            return Stats(
+                budget=self.budget,
+                resident_bytes=self._resident_bytes,
+                swapped_bytes=self._swapped_bytes,
+                pinned_bytes=self._pinned_bytes,
+                bo_count=len(self._bos),
+                evictions=self._evictions,
+                restores=self._restores,
+                bytes_evicted=self._bytes_evicted,
+                bytes_restored=self._bytes_restored,
+                pooled_bytes=self._pooled_bytes,
+                store_capacity_bytes=self.store.capacity_bytes,
+                store_used_bytes=self.store.used_bytes,
+            )
+
+    def close(self) -> None:
+        """Free every BO, release pooled buffers, close the store. Idempotent.
+
+        Waits for kernels still using BOs. BOs still pinned are freed anyway
+        (with a warning); their handles raise BufferFreed from then on.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            live = list(self._bos.values())
+        with self._room_lock:
+            for bo in live:
+                try:
+                    self._bo_free(bo, force=True)
+                except GpuboError as e:  # keep closing; the store goes anyway
+                    log.error("freeing %s at close failed: %s", bo.label(), e)
+            self._drain_pool(None)
+            try:
+                self.backend.finish()
+            except GpuboError as e:
+                log.error("finishing the device queue at close failed: %s", e)
+            self._close_store()
+        log.info("gpubo manager closed")
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            if self._closed:
+                return f"<Manager {self.backend.name} closed>"
+            pinned = sum(1 for bo in self._bos.values() if bo.pin_count)
+            return (
+                f"<Manager {self.backend.name} resident={format_bytes(self._resident_bytes)}"
+                f"/{format_bytes(self.budget)} pooled={format_bytes(self._pooled_bytes)}"
+                f" swapped={format_bytes(self._swapped_bytes)} bos={len(self._bos)} pinned={pinned}>"
+            )
+
+    # -- BO operations (called by BufferObject) -----------------------------
+
+    def _bo_busy(self, bo: BufferObject) -> bool:
+        with self._lock:
+            return self._prune_events_locked(bo)
+
+    def _bo_read(self, bo: BufferObject, dtype: npt.DTypeLike, count: int, offset: int) -> np.ndarray:
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as e:
+            raise TypeError(f"dtype: {e}") from None
+        if dt.hasobject or dt.itemsize == 0:
+            raise TypeError(f"dtype must be a fixed-size numeric dtype, got {dt}")
+        offset = _check_int(offset, "offset", 0)
+        count = _check_int(count, "count", -1)
+        if offset > bo.nbytes:
+            raise ValueError(f"offset {offset} is past the end of the {bo.nbytes}-byte buffer")
+        if count == -1:
+            count, rest = divmod(bo.nbytes - offset, dt.itemsize)
+            if rest:
+                raise ValueError(
+                    f"count=-1: the {bo.nbytes - offset} bytes after offset {offset} are not a "
+                    f"multiple of {dt} ({dt.itemsize} bytes); give count"
+                )
+        elif offset + count * dt.itemsize > bo.nbytes:
+            raise ValueError(
+                f"count {count} of {dt} at offset {offset} reads past the end of the {bo.nbytes}-byte buffer"
+            )
+        self._lock_resident(bo)
+        try:
+            out = np.empty(count, dt)
+            if count:
+                self.backend.download(bo.buf, out, offset)
+            with self._lock:
+                self._lru.touch(bo)
+        finally:
+            bo.lock.release()
+        return out
+
+    def _bo_write(self, bo: BufferObject, data: Any, offset: int) -> None:
+        src = _as_byte_array(data)
+        offset = _check_int(offset, "offset", 0)
+        if offset + src.nbytes > bo.nbytes:
+            raise ValueError(
+                f"{src.nbytes} bytes at offset {offset} do not fit the {bo.nbytes}-byte buffer"
+            )
+        whole = offset == 0 and src.nbytes == bo.nbytes
+        replaced = self._lock_resident(bo, replace_with=src if whole else None)
+        try:
+            if src.nbytes and not replaced:
+                self.backend.upload(bo.buf, src, offset)
+            with self._lock:
+                self._lru.touch(bo)
+        finally:
+            bo.lock.release()
+
+    def _bo_pin(self, bo: BufferObject) -> cl.Buffer:
+        self._lock_resident(bo)
+        try:
+            with self._lock:
+                bo.pin_count += 1
+                if bo.pin_count == 1:
+                    self._lru.remove(bo)
+                    self._pinned_bytes += bo.nbytes
+            return bo.buf
+        finally:
+            bo.lock.release()
+
+    def _bo_unpin(self, bo: BufferObject) -> None:
+        with self._lock:
+            if bo.state is State.FREED:  # close() freed it inside the pin
+                return
+            bo.pin_count -= 1
+            if bo.pin_count == 0:
+                self._pinned_bytes -= bo.nbytes
+                self._lru.add(bo)
+                self._cond.notify_all()
+
+    def _bo_evict(self, bo: BufferObject) -> None:
+        with bo.lock:
+            self._check_alive(bo)
+            if bo.state is State.SWAPPED:
+                return
+            with self._lock:
+                if bo.pin_count:
+                    raise BufferBusy(f"{bo.label()} is pinned and cannot be evicted")
+            self._swap_out_locked(bo, keep_buffer=False)
+
+    def _bo_restore(self, bo: BufferObject) -> None:
+        self._lock_resident(bo)
+        try:
+            with self._lock:
+                self._lru.touch(bo)
+        finally:
+            bo.lock.release()
+
+    def _bo_free(self, bo: BufferObject, force: bool = False) -> None:
+        with bo.lock:
+            if bo.state is State.FREED:
+                return
+            with self._lock:
+                if bo.pin_count and not force:
+                    raise BufferBusy(f"{bo.label()} is pinned and cannot be freed")
+                if bo.pin_count:
+                    log.warning("%s freed while pinned (manager closing)", bo.label())
+                events = list(bo.events)
+            try:
+                self.backend.wait(events)
+            except GpuboError as e:  # a failed kernel does not keep memory alive
+                log.warning("a kernel using %s failed: %s", bo.label(), e)
+            buf, entry = bo.buf, bo.entry
+            with self._lock:
+                self._move(bo, State.FREED)
+                self._lru.remove(bo)
+                del self._bos[bo.id]
+                self._store_committed_bytes -= bo.store_footprint
+                if bo.pin_count:
+                    self._pinned_bytes -= bo.nbytes
+                    bo.pin_count = 0
+                if buf is not None:
+                    self._resident_bytes -= bo.nbytes
+                    if not self._closed:  # keep it for the next alloc/restore of this size
+                        self._pool_locked(buf, bo.nbytes)
+                        buf = None
+                else:
+                    self._swapped_bytes -= bo.nbytes
+                bo.buf = bo.entry = None
+                bo.events.clear()
+                self._cond.notify_all()
+            if buf is not None:
+                self._release(buf, bo.nbytes)
+            if entry is not None:
+                self._release_entry(entry)
+        log.debug("free %r", bo)
+
+    # -- moving bytes -------------------------------------------------------
+
+    def _lock_resident(self, bo: BufferObject, replace_with: np.ndarray | None = None) -> bool:
+        """Return holding ``bo.lock`` with ``bo`` resident, or raise holding nothing.
+
+        With ``replace_with`` (the BO's complete new content) a swapped BO is
+        brought in with those bytes instead of its stored ones; the result
+        says whether that happened.
+        """
+        bo.lock.acquire()
+        if bo.state is State.RESIDENT:
+            return False
+        bo.lock.release()
+        # Restoring may evict others: take the room lock first (lock order).
+        with self._room_lock:
+            bo.lock.acquire()
+            try:
+                self._check_alive(bo)
+                if bo.state is State.SWAPPED:
+                    self._restore_locked(bo, replace_with)
+                    return replace_with is not None
+                return False
+            except BaseException:
+                bo.lock.release()
+                raise
+
+    def _restore_locked(self, bo: BufferObject, replace_with: np.ndarray | None) -> None:
+        """Bring swapped ``bo`` back. Holds ``_room_lock`` and ``bo.lock``.
+
+        Invariant: reserve budget -> device buffer -> copy -> verify ->
+        commit -> only then release the store entry. On any failure the BO
+        stays swapped with its entry.
+        """
+        entry = bo.entry
+        assert entry is not None
+        buf = self._new_buffer(bo.nbytes, zero=False)
+        try:
+            if replace_with is None:
+                swap_in(self.backend, self.store, entry, buf, bo.label())
+            else:
+                self.backend.upload(buf, replace_with, 0)
+        except BaseException:
+            self._release(buf, bo.nbytes)
+            raise
+        with self._lock:
+            self._move(bo, State.RESIDENT)
+            bo.buf, bo.entry = buf, None
+            self._swapped_bytes -= bo.nbytes
+            self._resident_bytes += bo.nbytes
+            self._lru.add(bo)
+            if replace_with is None:
+                self._restores += 1
+                self._bytes_restored += bo.nbytes
+        self._release_entry(entry)
+        log.debug("restored %r", bo)
+
+    def _swap_out_locked(self, bo: BufferObject, keep_buffer: bool) -> None:
+        """Evict resident, unpinned ``bo``; the caller holds ``bo.lock``.
+
+        Invariant: store space is reserved (StoreFull here changes nothing)
+        -> wait for the BO's kernels -> copy -> commit the entry -> only then
+        the device buffer goes to the pool or is released.
+        """
+        with self._lock:
+            events = list(bo.events)
+        self.backend.wait(events)
+        buf = bo.buf
+        assert buf is not None
+        entry = swap_out(self.backend, self.store, buf, bo.nbytes)
+        with self._lock:
+            self._move(bo, State.SWAPPED)
+            bo.buf, bo.entry = None, entry
+            bo.events.clear()
+            self._lru.remove(bo)
+            self._resident_bytes -= bo.nbytes
+            self._swapped_bytes += bo.nbytes
+            self._evictions += 1
+            self._bytes_evicted += bo.nbytes
+            if keep_buffer:
+                self._pool_locked(buf, bo.nbytes)
+        if not keep_buffer:
+            self._release(buf, bo.nbytes)
+        log.debug("evicted %r", bo)
+
+    # -- budget and pool ----------------------------------------------------
+
+    def _new_buffer(self, nbytes: int, zero: bool) -> cl.Buffer:
+        """A device buffer of ``nbytes`` charged to the budget (zeroed if ``zero``).
+
+        Raises:
+            OutOfDeviceMemory: no room could be made, or the device itself is
+                out of memory with nothing left to evict.
+        """
+        buf = self._charge(nbytes)
+        while buf is None:
+            try:
+                return self.backend.allocate(nbytes)  # allocate() zero-fills
+            except OutOfDeviceMemory as e:
+                # The device is fuller than the budget says (other users,
+                # fragmentation, or a budget above the device's memory).
+                with self._lock:
+                    self._charged_bytes -= nbytes
+                with self._room_lock:
+                    freed = self._drain_pool(None) + self._evict_any()
+                    if not freed:
+                        raise OutOfDeviceMemory(
+                            f"the device cannot allocate {format_bytes(nbytes)} even with every "
+                            "evictable buffer evicted",
+                            nbytes=nbytes,
+                            budget=self.budget,
+                        ) from e
+                    log.info("device out of memory below the budget; evicted %d bytes", freed)
+                    buf = self._charge(nbytes)
+        if zero:
+            try:
+                self.backend.zero(buf, nbytes)
+            except BaseException:
+                self._release(buf, nbytes)
+                raise
+        return buf
+
+    def _charge(self, nbytes: int) -> cl.Buffer | None:
+        """Charge ``nbytes`` to the budget, evicting if needed.
+
+        Returns a pooled buffer of exactly ``nbytes`` (content undefined) when
+        one can be reused, else None and the caller allocates.
+        """
+        with self._lock:
+            got = self._try_charge_locked(nbytes)
+        if got is not _NO_ROOM:
+            return got  # type: ignore[return-value]
+        with self._room_lock:
+            return self._make_room(nbytes)
+
+    def _try_charge_locked(self, nbytes: int) -> object:
+        bufs = self._pool.get(nbytes)
+        if bufs:
+            buf = bufs.pop()
+            self._pooled_bytes -= nbytes  # stays charged, now in flight
+            return buf
+        if self._charged_bytes + nbytes <= self.budget:
+            self._charged_bytes += nbytes
+            return None
+        return _NO_ROOM
+
+    def _make_room(self, nbytes: int) -> cl.Buffer | None:
+        """Evict until ``nbytes`` can be charged; see :meth:`_charge`. Holds ``_room_lock``."""
+        deadline = time.monotonic() + _ROOM_TIMEOUT_S
+        while True:
+            with self._lock:
+                got = self._try_charge_locked(nbytes)
+                if got is not _NO_ROOM:
+                    return got  # type: ignore[return-value]
+                victim = None
+                shortfall = self._charged_bytes + nbytes - self.budget
+                if not self._pooled_bytes:  # drain the pool before evicting anyone
+                    victim, wait = self._pick_victim_locked()
+                    if victim is None:
+                        if not wait:
+                            raise OutOfDeviceMemory(
+                                f"cannot make room for {format_bytes(nbytes)}: "
+                                f"{format_bytes(self._resident_bytes)} resident, "
+                                f"{format_bytes(self._pinned_bytes)} of it pinned, "
+                                f"budget {format_bytes(self.budget)}",
+                                nbytes=nbytes,
+                                budget=self.budget,
+                            )
+                        if time.monotonic() > deadline:
+                            raise OutOfDeviceMemory(
+                                f"timed out making room for {format_bytes(nbytes)}: "
+                                "the evictable buffers stayed in use by other threads",
+                                nbytes=nbytes,
+                                budget=self.budget,
+                            )
+                        self._cond.wait(0.005)
+                        continue
+            if victim is None:
+                self._drain_pool(shortfall)
+                continue
+            try:
+                self._swap_out_locked(victim, keep_buffer=True)
+            finally:
+                victim.lock.release()
+
+    def _pick_victim_locked(self) -> tuple[BufferObject | None, bool]:
+        """The LRU victim, returned with its lock held; idle BOs before busy.
+
+        Returns ``(None, wait)`` when there is none; ``wait`` says whether
+        waiting could help (BOs locked by other threads, buffers in flight).
+        """
+        contended = False
+        busy = []
+        for bo in self._lru:
+            if self._prune_events_locked(bo):
+                busy.append(bo)
+            elif bo.lock.acquire(blocking=False):
+                return bo, False
+            else:
+                contended = True
+        for bo in busy:
+            if bo.lock.acquire(blocking=False):
+                return bo, False
+            contended = True
+        in_flight = self._charged_bytes - self._resident_bytes - self._pooled_bytes
+        return None, contended or in_flight > 0
+
+    def _evict_any(self) -> int:
+        """Evict one victim and release its buffer; bytes freed (0 if none)."""
+        with self._lock:
+            victim, _ = self._pick_victim_locked()
+        if victim is None:
+            return 0
+        try:
+            self._swap_out_locked(victim, keep_buffer=False)
+        finally:
+            victim.lock.release()
+        return victim.nbytes
+
+    def _pool_locked(self, buf: cl.Buffer, nbytes: int) -> None:
+        self._pool.setdefault(nbytes, []).append(buf)
+        self._pooled_bytes += nbytes
+
+    def _drain_pool(self, target: int | None) -> int:
+        """Release pooled buffers until at least ``target`` bytes are released
+        (``None``: all of them); return bytes released."""
+        drained: list[tuple[cl.Buffer, int]] = []
+        with self._lock:
+            released = 0
+            for size in list(self._pool):
+                bufs = self._pool[size]
+                while bufs and (target is None or released < target):
+                    drained.append((bufs.pop(), size))
+                    released += size
+                    self._pooled_bytes -= size
+                if not bufs:
+                    del self._pool[size]
+        for buf, size in drained:
+            self._release(buf, size)
+        return released
+
+    def _release(self, buf: cl.Buffer, nbytes: int) -> None:
+        """Release a charged buffer, then uncharge it (never the other way)."""
+        self.backend.release(buf)
+        with self._lock:
+            self._charged_bytes -= nbytes
+            self._cond.notify_all()
+
+    def _release_entry(self, entry: Entry) -> None:
+        try:
+            self.store.release(entry)
+        except StoreError as e:  # the bytes were already safe elsewhere
+            log.error("could not release a store entry (%d bytes stay in use): %s", entry.footprint, e)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _prune_events_locked(self, bo: BufferObject) -> bool:
+        """Drop completed events; True if some kernel still uses ``bo``."""
+        if bo.events:
+            bo.events[:] = [ev for ev in bo.events if not self.backend.is_complete(ev)]
+        return bool(bo.events)
+
+    @staticmethod
+    def _move(bo: BufferObject, new: State) -> None:
+        if new not in ALLOWED_MOVES[bo.state]:
+            raise AssertionError(f"illegal state move {bo.state.name} -> {new.name} for {bo!r}")
+        bo.state = new
+
+    @staticmethod
+    def _check_alive(bo: BufferObject) -> None:
+        if bo.state is State.FREED:
+            raise BufferFreed(f"buffer object {bo.label()} was freed")
+
+    def _check_open(self) -> None:
+        with self._lock:
+            self._check_open_locked()
+
+    def _check_open_locked(self) -> None:
+        if self._closed:
+            raise ManagerClosed("the manager was closed")

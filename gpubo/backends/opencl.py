@@ -1,0 +1,280 @@
+"""The OpenCL backend: every pyopencl call that touches device memory.
+
+Notes on threads: OpenCL API calls are thread-safe (OpenCL >= 1.1), except
+that setting a kernel's arguments and enqueueing it must not interleave with
+another thread doing the same on the same kernel object; :meth:`launch`
+serialises that pair with ``_launch_lock``. pyopencl releases the GIL in
+blocking calls, so copies from several threads overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+
+from gpubo._errors import DeviceError, GpuboError, OutOfDeviceMemory
+
+__all__ = ["OpenCLBackend", "describe_platforms"]
+
+log = logging.getLogger(__name__)
+
+_status = cl.status_code
+# pyopencl raises cl.MemoryError only for MEM_OBJECT_ALLOCATION_FAILURE; the
+# other two arrive as plain cl.Error and are just as much "out of memory".
+_OOM_CODES = frozenset(
+    {
+        _status.MEM_OBJECT_ALLOCATION_FAILURE,
+        _status.OUT_OF_RESOURCES,
+        _status.OUT_OF_HOST_MEMORY,
+    }
+)
+_POCL_PLATFORM = "Portable Computing Language"
+
+
+def is_oom(error: cl.Error) -> bool:
+    """True if ``error`` is one of OpenCL's out-of-memory codes."""
+    return getattr(error, "code", None) in _OOM_CODES
+
+
+def _translate(error: cl.Error, what: str, nbytes: int = 0) -> GpuboError:
+    if is_oom(error):
+        return OutOfDeviceMemory(f"device out of memory while {what}: {error}", nbytes=nbytes)
+    return DeviceError(f"OpenCL error while {what}: {error}")
+
+
+def _devices(platform: cl.Platform, device_type: int) -> list[cl.Device]:
+    try:
+        return list(platform.get_devices(device_type=device_type))
+    except cl.Error:  # DEVICE_NOT_FOUND for a platform without that type
+        return []
+
+
+def _platforms() -> list[cl.Platform]:
+    try:
+        return list(cl.get_platforms())
+    except cl.Error as e:
+        raise DeviceError(
+            "no OpenCL platform found; on a machine without a GPU install the "
+            "PoCL CPU device with `pip install 'gpubo[pocl]'`"
+        ) from e
+
+
+def _pick_device() -> cl.Device:
+    """A GPU if there is one (the one with most memory), else any device."""
+    platforms = _platforms()
+    gpus = [d for p in platforms for d in _devices(p, cl.device_type.GPU)]
+    if gpus:
+        return max(gpus, key=lambda d: d.global_mem_size)
+    others = [d for p in platforms for d in _devices(p, cl.device_type.ALL)]
+    if not others:
+        raise DeviceError("OpenCL platforms exist but expose no device")
+    return others[0]
+
+
+def describe_platforms() -> list[dict[str, Any]]:
+    """Every OpenCL device, as plain dicts, for ``gpubo info``.
+
+    Raises:
+        DeviceError: no OpenCL platform is installed.
+    """
+    out = []
+    for p in _platforms():
+        for d in _devices(p, cl.device_type.ALL):
+            out.append(
+                {
+                    "platform": p.name,
+                    "device": d.name.strip(),
+                    "type": cl.device_type.to_string(d.type),
+                    "global_mem_bytes": int(d.global_mem_size),
+                    "max_alloc_bytes": int(d.max_mem_alloc_size),
+                    "version": d.version,
+                }
+            )
+    return out
+
+
+class OpenCLBackend:
+    """One OpenCL device, context and in-order queue.
+
+    Raises (constructor):
+        TypeError: ``device`` is not None, a pyopencl.Device or a Context.
+        DeviceError: no device, or the context or queue cannot be created.
+
+    Notes:
+        Constant after init: ``context``, ``device``, ``queue``, ``name``,
+        ``max_alloc_bytes``, ``global_mem_bytes``. Thread-safe; see the module
+        docstring.
+    """
+
+    def __init__(self, device: cl.Device | cl.Context | None = None) -> None:
+        try:
+            if device is None:
+                dev = _pick_device()
+                ctx = cl.Context([dev])
+            elif isinstance(device, cl.Context):
+                ctx = device
+                dev = ctx.devices[0]
+            elif isinstance(device, cl.Device):
+                dev = device
+                ctx = cl.Context([dev])
+            else:
+                raise TypeError(
+                    f"device must be None, a pyopencl.Device or a pyopencl.Context, "
+                    f"got {type(device).__name__}"
+                )
+            queue = cl.CommandQueue(ctx, dev)
+        except cl.Error as e:
+            raise DeviceError(f"cannot open OpenCL device: {e}") from e
+        self.context: cl.Context = ctx
+        self.device: cl.Device = dev
+        self.queue: cl.CommandQueue = queue
+        platform = dev.platform.name
+        self.name = "pocl" if platform == _POCL_PLATFORM else dev.name.strip()
+        self.max_alloc_bytes = int(dev.max_mem_alloc_size)
+        self.global_mem_bytes = int(dev.global_mem_size)
+        self._launch_lock = threading.Lock()
+
+    def allocate(self, nbytes: int) -> cl.Buffer:
+        """A new device buffer of ``nbytes``, allocated for real and zeroed.
+
+        OpenCL allocates lazily; the fill forces the allocation so that
+        out-of-memory shows here, where the manager can still evict.
+
+        Raises:
+            OutOfDeviceMemory: the device could not allocate it.
+            DeviceError: any other OpenCL failure.
+        """
+        buf = None
+        try:
+            buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
+            self.zero(buf, nbytes)
+        except cl.Error as e:
+            if buf is not None:
+                buf.release()
+            raise _translate(e, f"allocating {nbytes} bytes", nbytes) from e
+        except GpuboError:
+            if buf is not None:
+                buf.release()
+            raise
+        return buf
+
+    def zero(self, buf: cl.Buffer, nbytes: int) -> None:
+        """Fill the first ``nbytes`` of ``buf`` with zeros and wait.
+
+        Raises:
+            OutOfDeviceMemory, DeviceError: the fill failed.
+        """
+        try:
+            cl.enqueue_fill_buffer(self.queue, buf, np.uint8(0), 0, nbytes).wait()
+        except cl.Error as e:
+            raise _translate(e, "zero-filling a buffer", nbytes) from e
+
+    @staticmethod
+    def release(buf: cl.Buffer) -> None:
+        """Give ``buf``'s device memory back now (not when Python collects it)."""
+        try:
+            buf.release()
+        except cl.Error as e:  # an already-released buffer; nothing to give back
+            log.debug("release of a buffer failed: %s", e)
+
+    @contextmanager
+    def _map(self, buf: cl.Buffer, nbytes: int, flags: int) -> Iterator[memoryview]:
+        try:
+            arr, _ = cl.enqueue_map_buffer(
+                self.queue, buf, flags, 0, (nbytes,), np.uint8, is_blocking=True
+            )
+        except cl.Error as e:
+            raise _translate(e, "mapping a buffer", nbytes) from e
+        try:
+            yield memoryview(arr)
+        finally:
+            try:
+                arr.base.release(self.queue)
+            except cl.Error as e:
+                raise _translate(e, "unmapping a buffer", nbytes) from e
+
+    def map_read(self, buf: cl.Buffer, nbytes: int) -> Any:
+        """Context manager: a host view of the device buffer's bytes, to read.
+
+        On a CPU device this is the buffer itself (zero-copy); on a GPU the
+        driver stages it. The view is valid only inside the ``with`` block.
+        """
+        return self._map(buf, nbytes, cl.map_flags.READ)
+
+    def map_write(self, buf: cl.Buffer, nbytes: int) -> Any:
+        """Context manager: a writable host view that replaces the whole buffer.
+
+        The old content is not read back (WRITE_INVALIDATE_REGION); whatever is
+        written into the view is on the device when the block ends.
+        """
+        return self._map(buf, nbytes, cl.map_flags.WRITE_INVALIDATE_REGION)
+
+    def download(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> None:
+        """Copy ``out.nbytes`` bytes from ``buf`` at byte ``offset`` into ``out``."""
+        try:
+            cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=True)
+        except cl.Error as e:
+            raise _translate(e, "reading a buffer", out.nbytes) from e
+
+    def upload(self, buf: cl.Buffer, data: np.ndarray, offset: int) -> None:
+        """Copy the bytes of ``data`` into ``buf`` at byte ``offset``."""
+        try:
+            cl.enqueue_copy(self.queue, buf, data, dst_offset=offset, is_blocking=True)
+        except cl.Error as e:
+            raise _translate(e, "writing a buffer", data.nbytes) from e
+
+    @staticmethod
+    def wait(events: Sequence[cl.Event]) -> None:
+        """Block until every event completed.
+
+        Raises:
+            DeviceError: a command failed (the event's status is an error).
+        """
+        if not events:
+            return
+        try:
+            cl.wait_for_events(list(events))
+        except cl.Error as e:
+            raise DeviceError(f"waiting for a kernel that used the buffer failed: {e}") from e
+
+    @staticmethod
+    def is_complete(event: cl.Event) -> bool:
+        """True when ``event`` finished (or failed: it no longer runs)."""
+        status = event.command_execution_status
+        return bool(status <= cl.command_execution_status.COMPLETE)
+
+    def launch(
+        self,
+        kernel: cl.Kernel,
+        global_size: Sequence[int],
+        local_size: Sequence[int] | None,
+        args: Sequence[object],
+        wait_for: Sequence[cl.Event] | None,
+    ) -> cl.Event:
+        """Set ``kernel``'s arguments and enqueue it; returns its event.
+
+        Raises:
+            OutOfDeviceMemory: the launch ran out of device resources.
+            DeviceError: OpenCL refused the launch (bad arguments, sizes...).
+        """
+        try:
+            with self._launch_lock:
+                kernel.set_args(*args)
+                return cl.enqueue_nd_range_kernel(
+                    self.queue, kernel, global_size, local_size, wait_for=wait_for
+                )
+        except cl.Error as e:
+            raise _translate(e, f"launching kernel {kernel.function_name!r}") from e
+
+    def finish(self) -> None:
+        """Wait for everything queued on the device."""
+        try:
+            self.queue.finish()
+        except cl.Error as e:
+            raise DeviceError(f"finishing the queue failed: {e}") from e
