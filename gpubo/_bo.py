@@ -155,6 +155,10 @@ class BufferObject:
     def evict(self) -> None:
         """Swap the BO out now (waiting for kernels using it). No-op if swapped.
 
+        The device buffer it leaves goes to the manager's pool for the next
+        allocation or restore of the same size (it still counts against the
+        budget); :meth:`Manager.evict` gives device memory back for real.
+
         Raises:
             BufferBusy: the BO is pinned.
             BufferFreed: the BO was freed.

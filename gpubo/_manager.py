@@ -26,12 +26,14 @@ callers decide what to evict.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import os
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,15 @@ import numpy.typing as npt
 import pyopencl as cl
 
 from gpubo._bo import ALLOWED_MOVES, BufferObject, State
-from gpubo._errors import BufferBusy, BufferFreed, GpuboError, ManagerClosed, OutOfDeviceMemory, StoreError, StoreFull
+from gpubo._errors import (
+    BufferBusy,
+    BufferFreed,
+    GpuboError,
+    ManagerClosed,
+    OutOfDeviceMemory,
+    StoreError,
+    StoreFull,
+)
 from gpubo._lru import LRU, NUM_PRIORITIES
 from gpubo._transfer import swap_in, swap_out
 from gpubo._units import format_bytes, parse_bytes
@@ -181,6 +191,9 @@ class Manager:
         self._swapped_bytes = 0
         self._pinned_bytes = 0
         self._store_committed_bytes = 0
+        self._live_sizes: Counter[int] = Counter()  # nbytes -> live BOs of that size
+        self._size_heap: list[int] = []  # -nbytes of _heap_sizes; stale ones popped lazily
+        self._heap_sizes: set[int] = set()
         self._evictions = 0
         self._restores = 0
         self._bytes_evicted = 0
@@ -234,26 +247,17 @@ class Manager:
         footprint = self.store.footprint(nbytes)
         with self._lock:
             self._check_open_locked()
-            committed = self._store_committed_bytes
-            if committed + footprint > self.store.capacity_bytes:
-                raise StoreFull(
-                    f"the store cannot back {format_bytes(nbytes)} more: "
-                    f"{format_bytes(committed)} of {format_bytes(self.store.capacity_bytes)} "
-                    "already promised to live buffers (raise store_size)",
-                    nbytes=nbytes,
-                    free_bytes=self.store.capacity_bytes - committed,
-                )
-            self._store_committed_bytes += footprint
+            self._admit_locked(nbytes, footprint)
         try:
             buf = self._new_buffer(nbytes, zero=True)
         except BaseException:
             with self._lock:
-                self._store_committed_bytes -= footprint
+                self._unadmit_locked(nbytes, footprint)
             raise
         with self._lock:
             bo = BufferObject(self, next(self._ids), nbytes, name, priority, footprint, buf)
             if self._closed:  # close() ran while we allocated
-                self._store_committed_bytes -= footprint
+                self._unadmit_locked(nbytes, footprint)
                 bo.state = State.FREED
                 closed = True
             else:
@@ -290,6 +294,10 @@ class Manager:
         """
         if not isinstance(kernel, cl.Kernel):
             raise TypeError(f"kernel must be a pyopencl.Kernel, got {type(kernel).__name__}")
+        if wait_for is not None:
+            if isinstance(wait_for, (str, bytes)) or not all(isinstance(e, cl.Event) for e in wait_for):
+                raise TypeError("wait_for must be None or a sequence of pyopencl.Event")
+            wait_for = list(wait_for)
         self._check_open()
         bos: dict[int, BufferObject] = {}
         for index, arg in enumerate(args):
@@ -444,7 +452,7 @@ class Manager:
         try:
             out = np.empty(count, dt)
             if count:
-                self.backend.download(bo.buf, out, offset)
+                self.backend.download(self._buf(bo), out, offset)
             with self._lock:
                 self._lru.touch(bo)
         finally:
@@ -455,14 +463,12 @@ class Manager:
         src = _as_byte_array(data)
         offset = _check_int(offset, "offset", 0)
         if offset + src.nbytes > bo.nbytes:
-            raise ValueError(
-                f"{src.nbytes} bytes at offset {offset} do not fit the {bo.nbytes}-byte buffer"
-            )
+            raise ValueError(f"{src.nbytes} bytes at offset {offset} do not fit the {bo.nbytes}-byte buffer")
         whole = offset == 0 and src.nbytes == bo.nbytes
         replaced = self._lock_resident(bo, replace_with=src if whole else None)
         try:
             if src.nbytes and not replaced:
-                self.backend.upload(bo.buf, src, offset)
+                self.backend.upload(self._buf(bo), src, offset)
             with self._lock:
                 self._lru.touch(bo)
         finally:
@@ -476,7 +482,7 @@ class Manager:
                 if bo.pin_count == 1:
                     self._lru.remove(bo)
                     self._pinned_bytes += bo.nbytes
-            return bo.buf
+            return self._buf(bo)
         finally:
             bo.lock.release()
 
@@ -498,7 +504,9 @@ class Manager:
             with self._lock:
                 if bo.pin_count:
                     raise BufferBusy(f"{bo.label()} is pinned and cannot be evicted")
-            self._swap_out_locked(bo, keep_buffer=False)
+            # Keep the device buffer for the next restore: a fresh allocation
+            # costs several times the copy (mgr.evict() releases for real).
+            self._swap_out_locked(bo, keep_buffer=True)
 
     def _bo_restore(self, bo: BufferObject) -> None:
         self._lock_resident(bo)
@@ -527,7 +535,7 @@ class Manager:
                 self._move(bo, State.FREED)
                 self._lru.remove(bo)
                 del self._bos[bo.id]
-                self._store_committed_bytes -= bo.store_footprint
+                self._unadmit_locked(bo.nbytes, bo.store_footprint)
                 if bo.pin_count:
                     self._pinned_bytes -= bo.nbytes
                     bo.pin_count = 0
@@ -631,6 +639,41 @@ class Manager:
             self._release(buf, bo.nbytes)
         log.debug("evicted %r", bo)
 
+    # -- store admission ----------------------------------------------------
+
+    def _admit_locked(self, nbytes: int, footprint: int) -> None:
+        """Promise store room to a new BO, or raise StoreFull.
+
+        A BO is admitted only while the store can hold every live BO at once
+        plus the room an eviction needs in transit, so that restoring any BO
+        can always evict a victim: the store never traps a swapped BO.
+        """
+        while self._size_heap and not self._live_sizes[-self._size_heap[0]]:
+            self._heap_sizes.discard(-heapq.heappop(self._size_heap))
+        largest = max(nbytes, -self._size_heap[0] if self._size_heap else 0)
+        committed = self._store_committed_bytes
+        need = committed + footprint + self.store.transit_bytes(largest)
+        if need > self.store.capacity_bytes:
+            raise StoreFull(
+                f"the store cannot back {format_bytes(nbytes)} more: {format_bytes(committed)} of "
+                f"{format_bytes(self.store.capacity_bytes)} is promised to live buffers and "
+                f"{format_bytes(self.store.transit_bytes(largest))} must stay free for eviction "
+                "(the store must be larger)",
+                nbytes=nbytes,
+                free_bytes=max(0, self.store.capacity_bytes - committed - self.store.transit_bytes(largest)),
+            )
+        self._store_committed_bytes += footprint
+        if nbytes not in self._heap_sizes:
+            self._heap_sizes.add(nbytes)
+            heapq.heappush(self._size_heap, -nbytes)
+        self._live_sizes[nbytes] += 1
+
+    def _unadmit_locked(self, nbytes: int, footprint: int) -> None:
+        self._store_committed_bytes -= footprint
+        self._live_sizes[nbytes] -= 1
+        if not self._live_sizes[nbytes]:
+            del self._live_sizes[nbytes]
+
     # -- budget and pool ----------------------------------------------------
 
     def _new_buffer(self, nbytes: int, zero: bool) -> cl.Buffer:
@@ -694,6 +737,14 @@ class Manager:
 
     def _make_room(self, nbytes: int) -> cl.Buffer | None:
         """Evict until ``nbytes`` can be charged; see :meth:`_charge`. Holds ``_room_lock``."""
+        with self._lock:
+            if nbytes > self.budget - self._pinned_bytes:  # evicting could not help
+                raise OutOfDeviceMemory(
+                    f"cannot make room for {format_bytes(nbytes)}: {format_bytes(self._pinned_bytes)} "
+                    f"of the {format_bytes(self.budget)} budget is pinned",
+                    nbytes=nbytes,
+                    budget=self.budget,
+                )
         deadline = time.monotonic() + _ROOM_TIMEOUT_S
         while True:
             with self._lock:
@@ -807,6 +858,12 @@ class Manager:
         if bo.events:
             bo.events[:] = [ev for ev in bo.events if not self.backend.is_complete(ev)]
         return bool(bo.events)
+
+    @staticmethod
+    def _buf(bo: BufferObject) -> cl.Buffer:
+        """The device buffer of a resident BO (caller holds ``bo.lock``)."""
+        assert bo.buf is not None, f"{bo!r} has no device buffer"
+        return bo.buf
 
     @staticmethod
     def _move(bo: BufferObject, new: State) -> None:

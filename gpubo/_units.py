@@ -29,7 +29,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_bytes(value: object, name: str) -> int:
+def parse_bytes(value: object, name: str = "size") -> int:
     """Return ``value`` as a non-negative int number of bytes.
 
     Accepts ints and strings such as ``"256MiB"``, ``"1.5GiB"``, ``"4096"``

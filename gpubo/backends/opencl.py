@@ -35,6 +35,7 @@ _OOM_CODES = frozenset(
     }
 )
 _POCL_PLATFORM = "Portable Computing Language"
+_ZERO_BYTE = np.zeros(1, np.uint8)
 
 
 def is_oom(error: cl.Error) -> bool:
@@ -77,6 +78,11 @@ def _pick_device() -> cl.Device:
     return others[0]
 
 
+def _type_name(device_type: int) -> str:
+    names = [n for n in ("CPU", "GPU", "ACCELERATOR", "CUSTOM") if device_type & getattr(cl.device_type, n)]
+    return " | ".join(names) or str(device_type)
+
+
 def describe_platforms() -> list[dict[str, Any]]:
     """Every OpenCL device, as plain dicts, for ``gpubo info``.
 
@@ -90,7 +96,7 @@ def describe_platforms() -> list[dict[str, Any]]:
                 {
                     "platform": p.name,
                     "device": d.name.strip(),
-                    "type": cl.device_type.to_string(d.type),
+                    "type": _type_name(int(d.type)),
                     "global_mem_bytes": int(d.global_mem_size),
                     "max_alloc_bytes": int(d.max_mem_alloc_size),
                     "version": d.version,
@@ -171,7 +177,7 @@ class OpenCLBackend:
             OutOfDeviceMemory, DeviceError: the fill failed.
         """
         try:
-            cl.enqueue_fill_buffer(self.queue, buf, np.uint8(0), 0, nbytes).wait()
+            cl.enqueue_fill_buffer(self.queue, buf, _ZERO_BYTE, 0, nbytes).wait()
         except cl.Error as e:
             raise _translate(e, "zero-filling a buffer", nbytes) from e
 
@@ -184,10 +190,10 @@ class OpenCLBackend:
             log.debug("release of a buffer failed: %s", e)
 
     @contextmanager
-    def _map(self, buf: cl.Buffer, nbytes: int, flags: int) -> Iterator[memoryview]:
+    def _map(self, buf: cl.Buffer, nbytes: int, flags: cl.map_flags) -> Iterator[memoryview]:
         try:
             arr, _ = cl.enqueue_map_buffer(
-                self.queue, buf, flags, 0, (nbytes,), np.uint8, is_blocking=True
+                self.queue, buf, flags, 0, (nbytes,), np.dtype(np.uint8), is_blocking=True
             )
         except cl.Error as e:
             raise _translate(e, "mapping a buffer", nbytes) from e
@@ -265,9 +271,13 @@ class OpenCLBackend:
         """
         try:
             with self._launch_lock:
-                kernel.set_args(*args)
+                kernel.set_args(*args)  # type: ignore[arg-type]
                 return cl.enqueue_nd_range_kernel(
-                    self.queue, kernel, global_size, local_size, wait_for=wait_for
+                    self.queue,
+                    kernel,
+                    tuple(global_size),
+                    None if local_size is None else tuple(local_size),
+                    wait_for=wait_for,
                 )
         except cl.Error as e:
             raise _translate(e, f"launching kernel {kernel.function_name!r}") from e

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -87,9 +88,15 @@ class LmdbStore:
         concurrently in their own read transactions.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, size_bytes: int, *, checksums: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None, size_bytes: int, *, checksums: bool = True
+    ) -> None:
         self.checksums = checksums
         self._temporary = path is None
+        self.page_bytes = mmap.PAGESIZE  # LMDB's page size is the OS page size
+        minimum = self._reserve_bytes(0) + self.footprint(1) + self.transit_bytes(1)
+        if size_bytes < minimum:
+            raise ValueError(f"store_size must be at least {minimum} bytes, got {size_bytes}")
         try:
             if path is None:
                 self.path = tempfile.mkdtemp(prefix="gpubo-store-")
@@ -113,7 +120,7 @@ class LmdbStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StoreError(f"store {self.path!r} is in use by another process") from e
+                raise StoreError(f"store {self.path!r} is already open (in this or another process)") from e
             raise StoreError(f"cannot lock store {self.path!r}: {e}") from e
         try:
             env = lmdb.open(
@@ -131,7 +138,8 @@ class LmdbStore:
         except lmdb.Error as e:
             raise StoreError(f"cannot open LMDB store at {self.path!r}: {e}") from e
         self._env = env
-        self.page_bytes = int(env.stat()["psize"])
+        if int(env.stat()["psize"]) != self.page_bytes:
+            raise StoreError(f"LMDB page size {env.stat()['psize']} is not the OS page {self.page_bytes}")
         self.size_bytes = int(env.info()["map_size"])
         self._prealloc(os.path.join(self.path, _DATA_NAME), self.size_bytes)
         try:
@@ -143,12 +151,7 @@ class LmdbStore:
             raise StoreError(f"cannot initialise LMDB store at {self.path!r}: {e}") from e
         if stale:
             log.info("store %s: dropped %d chunks left by an earlier process", self.path, stale)
-        # Room LMDB needs besides our values: meta and branch/leaf pages, the
-        # free list, and pages a concurrent reader keeps from being reused.
-        reserve = max(64 * self.page_bytes, self.size_bytes // 32)
-        self.capacity_bytes = max(0, self.size_bytes - reserve)
-        if self.capacity_bytes < self.footprint(1):
-            raise ValueError(f"store_size {size_bytes} is too small for a store (need > {reserve} bytes)")
+        self.capacity_bytes = self.size_bytes - self._reserve_bytes(self.size_bytes)
         self._lock = threading.Lock()
         self._used_bytes = 0  # guarded by _lock
         self._next_key = 0  # guarded by _lock
@@ -165,6 +168,22 @@ class LmdbStore:
             raise StoreError(f"cannot preallocate {nbytes} bytes for the store at {path!r}: {e}") from e
 
     # -- accounting ---------------------------------------------------------
+
+    def _reserve_bytes(self, size_bytes: int) -> int:
+        """Room LMDB needs besides our values: meta, branch and leaf pages,
+        the free list, and pages a concurrent reader keeps from reuse."""
+        return max(64 * self.page_bytes, size_bytes // 32)
+
+    def transit_bytes(self, largest_nbytes: int) -> int:
+        """Capacity that must stay free, beyond the live entries, for any
+        entry of up to ``largest_nbytes`` to be written.
+
+        LMDB is copy-on-write: pages freed by the latest commit are not
+        reusable by the next one, and saving its free list splits freed runs,
+        so writing an entry needs about its own footprint plus one chunk of
+        spare room (measured by cycling full stores of 64 KiB to 16 MiB BOs).
+        """
+        return self.footprint(largest_nbytes) + self.footprint(min(largest_nbytes, CHUNK_BYTES))
 
     def footprint(self, nbytes: int) -> int:
         """Bytes of capacity an entry of ``nbytes`` occupies (whole pages)."""
@@ -248,7 +267,10 @@ class LmdbStore:
                             bo=label,
                             offset=offset,
                         )
-                    if entry.checksums is not None and xxhash.xxh3_64_intdigest(chunk) != entry.checksums[index]:
+                    if (
+                        entry.checksums is not None
+                        and xxhash.xxh3_64_intdigest(chunk) != entry.checksums[index]
+                    ):
                         raise IntegrityError(
                             f"{label}: checksum mismatch in the store at byte {offset} "
                             f"(chunk {index}, {want} bytes)",
