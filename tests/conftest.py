@@ -1,0 +1,151 @@
+"""Shared fixtures: managers on the real PoCL device, kernels, leak checks.
+
+Nothing here mocks OpenCL or LMDB. Faults are injected at real boundaries
+(a tiny budget or store, a flipped byte in the store's data file).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pytest
+
+import gpubo
+
+#: Adds 1 (mod 256) to every byte of ``p``; launch with global size = nbytes.
+INC_SRC = """
+__kernel void inc(__global uchar *p) {
+    p[get_global_id(0)] += 1;
+}
+"""
+
+#: Each work item runs ``iters`` steps of a 32-bit LCG seeded with its id and
+#: writes the result: slow enough to still be running when the host acts.
+SLOW_SRC = """
+__kernel void slow(__global uint *out, uint iters) {
+    uint gid = get_global_id(0);
+    uint x = gid;
+    for (uint i = 0; i < iters; i++)
+        x = x * 1664525u + 1013904223u;
+    out[gid] = x;
+}
+"""
+
+#: y[i] = a * x[i] + y[i] for i < n (mixes BO args with scalar args).
+AXPY_SRC = """
+__kernel void axpy(__global const float *x, __global float *y, float a, int n) {
+    int i = get_global_id(0);
+    if (i < n)
+        y[i] = a * x[i] + y[i];
+}
+"""
+
+_LCG_A = 1664525
+_LCG_C = 1013904223
+_M32 = 1 << 32
+
+# After warm-up, a test may leave at most this many extra file descriptors
+# (PoCL opens its kernel cache lazily; one LMDB store alone holds three).
+_FD_TOLERANCE = 1
+
+
+def slow_expected(n: int, iters: int) -> np.ndarray:
+    """What SLOW_SRC writes for work items 0..n-1 (LCG jump-ahead, exact)."""
+    a, c = 1, 0  # the identity map x -> a*x + c
+    base_a, base_c = _LCG_A, _LCG_C
+    k = iters
+    while k:
+        if k & 1:
+            a, c = (base_a * a) % _M32, (base_a * c + base_c) % _M32
+        base_a, base_c = (base_a * base_a) % _M32, (base_a * base_c + base_c) % _M32
+        k >>= 1
+    return np.array([(a * x + c) % _M32 for x in range(n)], dtype=np.uint32)
+
+
+def pattern(nbytes: int, seed: int) -> np.ndarray:
+    """Distinct pseudo-random bytes for one BO."""
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def check_budget(mgr: gpubo.Manager) -> gpubo.Stats:
+    """Assert the hard budget (resident + pooled) and return the stats."""
+    s = mgr.stats()
+    assert s.resident_bytes + s.pooled_bytes <= s.budget, s
+    assert s.resident_bytes >= 0 and s.swapped_bytes >= 0 and s.pooled_bytes >= 0, s
+    return s
+
+
+def _process_snapshot() -> tuple[int, int, int]:
+    return (
+        len(os.listdir("/proc/self/fd")),
+        threading.active_count(),
+        len(os.listdir("/proc/self/task")),  # native threads too (PoCL's workers)
+    )
+
+
+@pytest.fixture(scope="session")
+def _pocl_warm() -> None:
+    """Let PoCL create its worker threads and open its cache once, up front."""
+    with gpubo.Manager(budget="1MiB", store_size="8MiB") as m:
+        for src, name in ((INC_SRC, "inc"), (SLOW_SRC, "slow"), (AXPY_SRC, "axpy")):
+            cl.Kernel(cl.Program(m.context, src).build(), name)
+        inc = cl.Kernel(cl.Program(m.context, INC_SRC).build(), "inc")
+        bo = m.alloc(4096)
+        m.launch(inc, (4096,), None, bo).wait()
+        bo.evict()
+        assert (bo.read() == 1).all()
+    gc.collect()
+
+
+@pytest.fixture
+def leak_check(_pocl_warm: None) -> Iterator[None]:
+    """Fail the test if it leaks file descriptors or threads."""
+    gc.collect()
+    fds, threads, tasks = _process_snapshot()
+    yield
+    gc.collect()
+    fds_after, threads_after, tasks_after = _process_snapshot()
+    assert threads_after == threads, f"Python threads leaked: {threads} -> {threads_after}"
+    assert tasks_after <= tasks, f"native threads leaked: {tasks} -> {tasks_after}"
+    assert fds_after <= fds + _FD_TOLERANCE, f"file descriptors leaked: {fds} -> {fds_after}"
+
+
+@pytest.fixture
+def make_mgr(leak_check: None) -> Iterator[Callable[..., gpubo.Manager]]:
+    """Factory of managers; each is closed (and its temporary store checked gone) at teardown."""
+    made: list[tuple[gpubo.Manager, str | None]] = []
+
+    def make(budget: Any = "4MiB", store_size: Any = "64MiB", **kwargs: Any) -> gpubo.Manager:
+        m = gpubo.Manager(budget=budget, store_size=store_size, **kwargs)
+        made.append((m, m.store.path if kwargs.get("store") is None else None))
+        return m
+
+    yield make
+    for m, _ in made:
+        check_budget(m)
+        m.close()
+    for _, temp_path in made:
+        if temp_path is not None:
+            assert not os.path.exists(temp_path), f"temporary store {temp_path} not deleted on close"
+
+
+@pytest.fixture
+def mgr(make_mgr: Callable[..., gpubo.Manager]) -> gpubo.Manager:
+    """A Manager(budget="4MiB", store_size="64MiB"), closed after the test."""
+    return make_mgr(budget="4MiB", store_size="64MiB")
+
+
+@pytest.fixture
+def build_kernel() -> Callable[[gpubo.Manager, str, str], cl.Kernel]:
+    """build_kernel(mgr, source, name) -> a pyopencl.Kernel in mgr's context."""
+
+    def build(m: gpubo.Manager, src: str, name: str) -> cl.Kernel:
+        return cl.Kernel(cl.Program(m.context, src).build(), name)
+
+    return build
