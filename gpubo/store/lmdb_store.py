@@ -230,9 +230,9 @@ class LmdbStore:
                 with env.begin(write=True, db=self._db) as txn:
                     for index, offset in enumerate(range(0, nbytes, CHUNK_BYTES)):
                         chunk = view[offset : offset + CHUNK_BYTES]
-                        if want_sums:
-                            sums.append(xxhash.xxh3_64_intdigest(chunk))
                         txn.put(_KEY.pack(key, index), chunk)
+                        if want_sums:  # after the copy: the chunk is still in cache
+                            sums.append(xxhash.xxh3_64_intdigest(chunk))
             except lmdb.MapFullError as e:
                 raise StoreFull(
                     f"store full: LMDB map has no room for {nbytes} bytes", nbytes=nbytes, free_bytes=free
@@ -267,6 +267,9 @@ class LmdbStore:
                             bo=label,
                             offset=offset,
                         )
+                    np.copyto(dst[offset : offset + want], np.frombuffer(chunk, np.uint8))
+                    # Verified after the copy, while the chunk is in cache; the
+                    # caller discards the buffer if this fails.
                     if (
                         entry.checksums is not None
                         and xxhash.xxh3_64_intdigest(chunk) != entry.checksums[index]
@@ -277,7 +280,6 @@ class LmdbStore:
                             bo=label,
                             offset=offset,
                         )
-                    np.copyto(dst[offset : offset + want], np.frombuffer(chunk, np.uint8))
         except lmdb.Error as e:
             raise StoreError(f"reading {label} from the store failed: {e}") from e
 
