@@ -16,7 +16,7 @@ from gpubo._units import format_bytes
 
 if TYPE_CHECKING:
     from gpubo._manager import Manager
-    from gpubo.store.lmdb_store import Entry
+    from gpubo.store.base import Entry
 
 __all__ = ["ALLOWED_MOVES", "BufferObject", "State"]
 
@@ -51,7 +51,9 @@ class BufferObject:
         * constant after init: ``manager``, ``id``, ``nbytes``, ``name``,
           ``priority``, ``store_footprint``;
         * ``lock`` (the BO lock, held while the BO's bytes move or are read or
-          written): ``buf``, ``entry``;
+          written): ``buf``, ``entry`` (the swapped content, or for a resident
+          BO a clean copy kept in the store: the swap cache), ``known_zero``
+          (untouched since allocation, so all zeros);
         * the manager's lock: ``pin_count``, ``events``; ``state`` is written
           with both locks held, so either one is enough to read it.
     """
@@ -62,6 +64,7 @@ class BufferObject:
         "entry",
         "events",
         "id",
+        "known_zero",
         "lock",
         "manager",
         "name",
@@ -80,7 +83,8 @@ class BufferObject:
         name: str | None,
         priority: int,
         store_footprint: int,
-        buf: cl.Buffer,
+        buf: cl.Buffer | None,
+        entry: Entry | None = None,
     ) -> None:
         self.manager = manager
         self.id = bo_id
@@ -90,8 +94,9 @@ class BufferObject:
         self.store_footprint = store_footprint
         self.lock = threading.Lock()
         self.buf: cl.Buffer | None = buf
-        self.entry: Entry | None = None
-        self.state = State.RESIDENT
+        self.entry: Entry | None = entry
+        self.known_zero = entry is None
+        self.state = State.RESIDENT if buf is not None else State.SWAPPED
         self.pin_count = 0
         self.events: list[cl.Event] = []
 
@@ -174,6 +179,22 @@ class BufferObject:
             OutOfDeviceMemory, StoreFull, IntegrityError: see :meth:`read`.
         """
         self.manager._bo_restore(self)
+
+    def sync(self) -> None:
+        """Make the BO's current content its name's durable record.
+
+        The content is written to the store (if the store has no clean copy
+        of it yet) and flushed, then the record is committed atomically; a
+        resident BO stays resident. A new Manager on the same store path can
+        then ``open`` the name, also after this process is killed.
+
+        Raises:
+            ValueError: the BO has no name.
+            BufferFreed: the BO was freed.
+            StoreFull: no room for the copy or the record; the old record stands.
+            StoreError: the store failed; the old record stands.
+        """
+        self.manager._bo_sync(self)
 
     def free(self) -> None:
         """Give back the BO's device memory and store space. Idempotent.

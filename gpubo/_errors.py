@@ -16,6 +16,7 @@ __all__ = [
     "GpuboError",
     "IntegrityError",
     "ManagerClosed",
+    "NameNotFound",
     "OutOfDeviceMemory",
     "StoreError",
     "StoreFull",
@@ -85,3 +86,10 @@ class DeviceError(GpuboError):
 
 class ManagerClosed(GpuboError):
     """The manager was closed; it owns no device or store any more."""
+
+
+class NameNotFound(GpuboError, KeyError):
+    """The store has no durable record of that name (see ``Manager.open``)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

@@ -48,6 +48,7 @@ from gpubo._errors import (
     BufferFreed,
     GpuboError,
     ManagerClosed,
+    NameNotFound,
     OutOfDeviceMemory,
     StoreError,
     StoreFull,
@@ -56,7 +57,7 @@ from gpubo._lru import LRU, NUM_PRIORITIES
 from gpubo._transfer import swap_in, swap_out
 from gpubo._units import format_bytes, parse_bytes
 from gpubo.backends.opencl import OpenCLBackend
-from gpubo.store.lmdb_store import Entry, LmdbStore
+from gpubo.store import Durability, Entry, SwapStore, open_store
 
 __all__ = ["Manager", "Stats"]
 
@@ -126,10 +127,17 @@ class Manager:
 
     Args:
         budget: device bytes the manager may use (int or ``"256MiB"``).
-        store: None for a private temporary LMDB store deleted on close, or
-            the path of a store directory (created if missing).
-        store_size: size of the store; also the most bytes of live BOs the
+        store: None for a private temporary store deleted on close, the path
+            of a store directory (created if missing), or a
+            :class:`~gpubo.store.SwapStore` (then ``store_size``,
+            ``store_backend``, ``durability`` and ``checksums`` are its own,
+            and the manager closes it).
+        store_size: size of the store; also bounds the bytes of live BOs the
             manager admits, so that every BO can always be swapped out.
+        store_backend: ``"lmdb"`` or ``"slotfile"``; None for the backend
+            of an existing store at ``store``, else ``"lmdb"``.
+        durability: ``"lazy"`` (page cache), ``"sync"`` (flushed before an
+            entry is committed) or ``"direct"`` (O_DIRECT, slotfile only).
         device: None (a GPU if present, else any OpenCL device), or a
             ``pyopencl.Device`` or ``pyopencl.Context``.
         checksums: keep an xxh3-64 checksum per stored chunk and verify it on
@@ -156,14 +164,20 @@ class Manager:
         store_size: int | str = "2GiB",
         device: cl.Device | cl.Context | None = None,
         *,
+        store_backend: str | None = None,
+        durability: str = "lazy",
         checksums: bool = True,
     ) -> None:
         self.budget: int = parse_bytes(budget, "budget")
         if self.budget == 0:
             raise ValueError("budget must be positive")
         store_bytes = parse_bytes(store_size, "store_size")
-        if store is not None and not isinstance(store, (str, os.PathLike)):
-            raise TypeError(f"store must be None or a path, got {type(store).__name__}")
+        if store is not None and not isinstance(store, (str, os.PathLike, SwapStore)):
+            raise TypeError(f"store must be None, a path or a SwapStore, got {type(store).__name__}")
+        if store_backend is not None and not isinstance(store_backend, str):
+            raise TypeError(f"store_backend must be a str or None, got {type(store_backend).__name__}")
+        if not isinstance(durability, (str, Durability)):
+            raise TypeError(f"durability must be a str, got {type(durability).__name__}")
         if not isinstance(checksums, bool):
             raise TypeError("checksums must be a bool")
         self.backend = OpenCLBackend(device)
@@ -173,7 +187,12 @@ class Manager:
                 format_bytes(self.budget),
                 format_bytes(self.backend.global_mem_bytes),
             )
-        self.store = LmdbStore(store, store_bytes, checksums=checksums)
+        if isinstance(store, SwapStore):
+            self.store: SwapStore = store
+        else:
+            self.store = open_store(
+                store, store_bytes, backend=store_backend, checksums=checksums, durability=durability
+            )
         self._close_store = weakref.finalize(self, self.store.close)
 
         self._room_lock = threading.RLock()
@@ -360,6 +379,87 @@ class Manager:
                 freed += victim.nbytes
         return freed
 
+    def open(self, name: str, priority: int = 0) -> BufferObject:
+        """A new BO holding the durable record ``name`` (swapped; restored on first use).
+
+        Names need not be unique among live BOs: each ``open`` gives a new BO
+        with the record's content, and whichever BO of that name syncs last
+        sets the record.
+
+        Raises:
+            TypeError, ValueError: bad ``name`` or ``priority``.
+            NameNotFound: the store has no record of that name.
+            StoreFull: the store cannot back one more live BO.
+            ManagerClosed: the manager was closed.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        priority = _check_int(priority, "priority", 0)
+        if priority >= NUM_PRIORITIES:
+            raise ValueError(f"priority must be in 0..{NUM_PRIORITIES - 1}, got {priority}")
+        with self._lock:
+            self._check_open_locked()
+            entry = self.store.lookup(name)
+            if entry is None:
+                raise NameNotFound(f"the store at {self.store.path} has no buffer named {name!r}")
+            footprint = self.store.footprint(entry.nbytes)
+            try:
+                self._admit_locked(entry.nbytes, footprint)
+            except BaseException:
+                self.store.release(entry)
+                raise
+            bo = BufferObject(self, next(self._ids), entry.nbytes, name, priority, footprint, None, entry)
+            self._bos[bo.id] = bo
+            self._swapped_bytes += bo.nbytes
+        log.debug("opened %r", bo)
+        return bo
+
+    def names(self) -> list[str]:
+        """Names with a durable record in the store, sorted."""
+        return self.store.names()
+
+    def remove(self, name: str) -> bool:
+        """Delete the durable record ``name``; False if there was none.
+
+        A live BO of that name is not affected (it just has no record).
+
+        Raises:
+            StoreError: the store failed; the record stands.
+        """
+        self._check_open()
+        return self.store.remove_name(name)
+
+    def hibernate(self) -> int:
+        """Swap out every unpinned BO and commit every named BO's record.
+
+        When it returns, every named BO's content survives the process (see
+        :meth:`open`). Pinned BOs stay resident (a named one is still synced).
+        Returns the number of BOs swapped out.
+
+        Raises:
+            StoreFull, StoreError: as :meth:`BufferObject.sync`; BOs already
+                done stay done.
+            ManagerClosed: the manager was closed.
+        """
+        self._check_open()
+        with self._lock:
+            live = sorted(self._bos.values(), key=lambda b: b.id)
+        swapped = 0
+        with self._room_lock:
+            for bo in live:
+                with bo.lock:
+                    if bo.state is State.FREED:
+                        continue
+                    with self._lock:
+                        pinned = bo.pin_count > 0
+                    if bo.state is State.RESIDENT and not pinned:
+                        self._swap_out_locked(bo, keep_buffer=False)
+                        swapped += 1
+                    if bo.name is not None:
+                        self._sync_locked(bo)
+            self._drain_pool(None)
+        return swapped
+
     def stats(self) -> Stats:
         """A consistent snapshot of the counters."""
         with self._lock:
@@ -468,6 +568,7 @@ class Manager:
         replaced = self._lock_resident(bo, replace_with=src if whole else None)
         try:
             if src.nbytes and not replaced:
+                self._mark_dirty(bo)
                 self.backend.upload(self._buf(bo), src, offset)
             with self._lock:
                 self._lru.touch(bo)
@@ -477,6 +578,7 @@ class Manager:
     def _bo_pin(self, bo: BufferObject) -> cl.Buffer:
         self._lock_resident(bo)
         try:
+            self._mark_dirty(bo)  # the holder of the buffer may write to it
             with self._lock:
                 bo.pin_count += 1
                 if bo.pin_count == 1:
@@ -495,6 +597,39 @@ class Manager:
                 self._pinned_bytes -= bo.nbytes
                 self._lru.add(bo)
                 self._cond.notify_all()
+
+    def _bo_sync(self, bo: BufferObject) -> None:
+        if bo.name is None:
+            raise ValueError(f"sync needs a named buffer object; {bo.label()} has no name")
+        with bo.lock:
+            self._check_alive(bo)
+            self._sync_locked(bo)
+
+    def _sync_locked(self, bo: BufferObject) -> None:
+        """Commit ``bo``'s current content as its name's record. Holds ``bo.lock``."""
+        assert bo.name is not None
+        if bo.state is State.RESIDENT and bo.entry is None:
+            with self._lock:
+                events = list(bo.events)
+            self.backend.wait(events)  # a kernel may still be writing it
+            copied = self._write_entry_locked(bo)
+            with self._lock:
+                self._bytes_evicted += copied
+        entry = bo.entry
+        assert entry is not None
+        with self._lock:
+            # The record holds its entry beyond what admission promised the BO.
+            others = (
+                self._store_committed_bytes + self.store.record_bytes - self.store.record_footprint(bo.name)
+            )
+            largest = max(self._live_sizes, default=0)
+            if others + entry.footprint + self.store.transit_bytes(largest) > self.store.capacity_bytes:
+                raise StoreFull(
+                    f"no room in the store for a durable copy of {bo.label()} ({format_bytes(bo.nbytes)})",
+                    nbytes=bo.nbytes,
+                    free_bytes=max(0, self.store.capacity_bytes - others),
+                )
+        self.store.commit_name(bo.name, entry)
 
     def _bo_evict(self, bo: BufferObject) -> None:
         with bo.lock:
@@ -585,8 +720,8 @@ class Manager:
         """Bring swapped ``bo`` back. Holds ``_room_lock`` and ``bo.lock``.
 
         Invariant: reserve budget -> device buffer -> copy -> verify ->
-        commit -> only then release the store entry. On any failure the BO
-        stays swapped with its entry.
+        commit. The entry is kept as the BO's clean copy (released when the
+        BO is dirtied). On any failure the BO stays swapped with its entry.
         """
         entry = bo.entry
         assert entry is not None
@@ -601,14 +736,20 @@ class Manager:
             raise
         with self._lock:
             self._move(bo, State.RESIDENT)
-            bo.buf, bo.entry = buf, None
             self._swapped_bytes -= bo.nbytes
             self._resident_bytes += bo.nbytes
             self._lru.add(bo)
             if replace_with is None:
+                # Swap cache: the entry stays while the BO is clean, so
+                # evicting it again costs no copy.
+                bo.buf = buf
                 self._restores += 1
                 self._bytes_restored += bo.nbytes
-        self._release_entry(entry)
+            else:
+                bo.buf, bo.entry = buf, None
+                bo.known_zero = False
+        if replace_with is not None:
+            self._release_entry(entry)
         log.debug("restored %r", bo)
 
     def _swap_out_locked(self, bo: BufferObject, keep_buffer: bool) -> None:
@@ -623,21 +764,42 @@ class Manager:
         self.backend.wait(events)
         buf = bo.buf
         assert buf is not None
-        entry = swap_out(self.backend, self.store, buf, bo.nbytes)
+        copied = self._write_entry_locked(bo)
         with self._lock:
             self._move(bo, State.SWAPPED)
-            bo.buf, bo.entry = None, entry
+            bo.buf = None
             bo.events.clear()
             self._lru.remove(bo)
             self._resident_bytes -= bo.nbytes
             self._swapped_bytes += bo.nbytes
             self._evictions += 1
-            self._bytes_evicted += bo.nbytes
+            self._bytes_evicted += copied
             if keep_buffer:
                 self._pool_locked(buf, bo.nbytes)
         if not keep_buffer:
             self._release(buf, bo.nbytes)
         log.debug("evicted %r", bo)
+
+    def _write_entry_locked(self, bo: BufferObject) -> int:
+        """Give resident ``bo`` a clean store entry; bytes copied. Holds ``bo.lock``.
+
+        Nothing to copy when the swap cache still holds its content, and no
+        data I/O when it is untouched since allocation (all zeros).
+        """
+        if bo.entry is not None:
+            return 0
+        if bo.known_zero:
+            bo.entry = self.store.write_zeros(bo.nbytes)
+            return 0
+        bo.entry = swap_out(self.backend, self.store, self._buf(bo), bo.nbytes)
+        return bo.entry.stored_bytes
+
+    def _mark_dirty(self, bo: BufferObject) -> None:
+        """``bo``'s device bytes may change: drop its clean store copy. Holds ``bo.lock``."""
+        bo.known_zero = False
+        if bo.entry is not None and bo.state is State.RESIDENT:
+            entry, bo.entry = bo.entry, None
+            self._release_entry(entry)
 
     # -- store admission ----------------------------------------------------
 
@@ -651,7 +813,7 @@ class Manager:
         while self._size_heap and not self._live_sizes[-self._size_heap[0]]:
             self._heap_sizes.discard(-heapq.heappop(self._size_heap))
         largest = max(nbytes, -self._size_heap[0] if self._size_heap else 0)
-        committed = self._store_committed_bytes
+        committed = self._store_committed_bytes + self.store.record_bytes
         need = committed + footprint + self.store.transit_bytes(largest)
         if need > self.store.capacity_bytes:
             raise StoreFull(

@@ -12,12 +12,12 @@ from __future__ import annotations
 import pyopencl as cl
 
 from gpubo.backends.opencl import OpenCLBackend
-from gpubo.store.lmdb_store import Entry, LmdbStore
+from gpubo.store.base import Entry, SwapStore
 
 __all__ = ["swap_in", "swap_out"]
 
 
-def swap_out(backend: OpenCLBackend, store: LmdbStore, buf: cl.Buffer, nbytes: int) -> Entry:
+def swap_out(backend: OpenCLBackend, store: SwapStore, buf: cl.Buffer, nbytes: int) -> Entry:
     """Copy ``nbytes`` of ``buf`` into a new committed store entry.
 
     Raises:
@@ -26,10 +26,10 @@ def swap_out(backend: OpenCLBackend, store: LmdbStore, buf: cl.Buffer, nbytes: i
             was committed.
     """
     with backend.map_read(buf, nbytes) as view:
-        return store.put(view)
+        return store.write(view)
 
 
-def swap_in(backend: OpenCLBackend, store: LmdbStore, entry: Entry, buf: cl.Buffer, label: str) -> None:
+def swap_in(backend: OpenCLBackend, store: SwapStore, entry: Entry, buf: cl.Buffer, label: str) -> None:
     """Overwrite ``buf`` with ``entry``'s verified bytes.
 
     Raises:
@@ -38,4 +38,4 @@ def swap_in(backend: OpenCLBackend, store: LmdbStore, entry: Entry, buf: cl.Buff
         StoreError, DeviceError, OutOfDeviceMemory: the copy failed.
     """
     with backend.map_write(buf, entry.nbytes) as view:
-        store.get_into(entry, view, label)
+        store.read_into(entry, view, label)

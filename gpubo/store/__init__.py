@@ -1,10 +1,65 @@
 """The swap-slot store: where evicted buffer objects' bytes live.
 
-:class:`LmdbStore` keeps every entry in one LMDB environment, memory-mapped
-with ``writemap`` and preallocated at creation. The store only holds bytes and
-accounts for its space; which BO owns an entry is the manager's business.
+Two backends share one contract (:class:`SwapStore`): :class:`LmdbStore`
+keeps data and metadata in one LMDB environment; :class:`SlotFileStore`
+keeps data in a preallocated slot file and only named records in LMDB.
+:func:`open_store` picks one, recognising an existing store's backend.
 """
 
-from gpubo.store.lmdb_store import CHUNK_BYTES, Entry, LmdbStore
+from __future__ import annotations
 
-__all__ = ["CHUNK_BYTES", "Entry", "LmdbStore"]
+import os
+
+from gpubo.store.base import CHUNK_BYTES, PAGE_BYTES, Durability, Entry, FsckReport, SwapStore
+from gpubo.store.lmdb_store import LmdbStore
+from gpubo.store.slotfile import SlotFileStore
+
+__all__ = [
+    "BACKENDS",
+    "CHUNK_BYTES",
+    "PAGE_BYTES",
+    "Durability",
+    "Entry",
+    "FsckReport",
+    "LmdbStore",
+    "SlotFileStore",
+    "SwapStore",
+    "detect_backend",
+    "open_store",
+]
+
+BACKENDS: dict[str, type[SwapStore]] = {"lmdb": LmdbStore, "slotfile": SlotFileStore}
+
+
+def detect_backend(path: str | os.PathLike[str]) -> str | None:
+    """The backend of the store at ``path``, or None if there is none yet."""
+    if os.path.exists(os.path.join(path, "slots.bin")):
+        return "slotfile"
+    if os.path.exists(os.path.join(path, "data.mdb")):
+        return "lmdb"
+    return None
+
+
+def open_store(
+    path: str | os.PathLike[str] | None,
+    size_bytes: int,
+    *,
+    backend: str | None = None,
+    checksums: bool = True,
+    durability: Durability | str = Durability.LAZY,
+) -> SwapStore:
+    """Open (or create) a store.
+
+    ``backend`` None means: the backend of the existing store at ``path``,
+    else ``lmdb``.
+
+    Raises:
+        ValueError: unknown backend, bad size or durability.
+        StoreError: see :class:`SwapStore`.
+    """
+    if backend is None:
+        backend = (detect_backend(path) if path is not None else None) or "lmdb"
+    cls = BACKENDS.get(backend)
+    if cls is None:
+        raise ValueError(f"store_backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    return cls(path, size_bytes, checksums=checksums, durability=durability)

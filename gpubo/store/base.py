@@ -1,0 +1,705 @@
+"""What every swap-slot store shares: entries, zero pages, checksums,
+refcounts, named records, durability, the store directory and its lock.
+
+A store holds *entries*: the bytes of one BO at one moment. An entry is
+written once and never changed; it is reference-counted (the BO whose
+content it is, a swap-cache copy of a resident BO, a named record each hold
+one reference) and its space is given back when the last one goes.
+
+The bytes of an entry are cut into chunks of :data:`CHUNK_BYTES` (1 MiB).
+Pages that are all zeros are not stored (a zero map per entry, as in Linux
+6.12's swap zeromap); a chunk's *stored bytes* are its non-zero pages in
+order, and its xxh3-64 checksum covers them. Checksums are computed right
+after each chunk is copied, while it is in cache, and verified on every read.
+
+Backends decide where stored bytes live (:mod:`gpubo.store.lmdb_store`,
+:mod:`gpubo.store.slotfile`); metadata (the format version and the named
+records) always lives in an LMDB environment in the store directory.
+
+Directory: ``gpubo.lock`` (an ``flock`` held while the store is open, so a
+second opener gets a clear error), LMDB's ``data.mdb``/``lock.mdb``, and the
+backend's own files; all created readable by the owner only.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+import numpy as np
+import xxhash
+
+from gpubo._errors import IntegrityError, StoreError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "FORMAT_VERSION",
+    "PAGE_BYTES",
+    "ChunkPlan",
+    "Durability",
+    "Entry",
+    "FsckReport",
+    "SwapStore",
+    "plan_chunks",
+    "scan_zero_pages",
+]
+
+log = logging.getLogger(__name__)
+
+#: Entries are processed (copied, hashed) in chunks of this many bytes.
+CHUNK_BYTES = 1 << 20
+#: The unit of zero-page detection and of slot allocation.
+PAGE_BYTES = 4096
+_PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_BYTES
+#: Bump when the on-disk layout changes; a store of another version is refused.
+FORMAT_VERSION = 2
+_LOCK_NAME = "gpubo.lock"
+Extents = tuple[tuple[int, int], ...]
+_FORMAT_KEY = b"format"
+
+
+class Durability(enum.Enum):
+    """When evicted bytes reach stable storage."""
+
+    LAZY = "lazy"  #: in the page cache; the OS writes back later
+    SYNC = "sync"  #: flushed before the entry is committed
+    DIRECT = "direct"  #: written with O_DIRECT, bypassing the page cache (slotfile only)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An immutable run of stored bytes: one BO's content at one moment.
+
+    ``footprint`` is the store capacity it occupies; ``stored_bytes`` the
+    non-zero bytes kept; ``checksums`` one xxh3-64 per chunk (None for a
+    chunk with no stored bytes) or None when checksums are off; ``zeromap``
+    ``numpy.packbits`` of the per-page "all zeros" flags, or None when no page
+    is zero; ``extents`` the slot runs ``(first slot, count)`` (slotfile).
+    """
+
+    key: int
+    nbytes: int
+    footprint: int
+    stored_bytes: int
+    checksums: tuple[int | None, ...] | None
+    zeromap: bytes | None
+    extents: tuple[tuple[int, int], ...] = ()
+
+    def zero_pages(self) -> np.ndarray | None:
+        """The per-page zero flags, or None when no page is zero."""
+        if self.zeromap is None:
+            return None
+        npages = -(-self.nbytes // PAGE_BYTES)
+        return np.unpackbits(np.frombuffer(self.zeromap, np.uint8), count=npages).astype(np.bool_)
+
+    def to_record(self) -> bytes:
+        """Serialise for a named record."""
+        rec: dict[str, Any] = {
+            "key": self.key,
+            "nbytes": self.nbytes,
+            "footprint": self.footprint,
+            "stored_bytes": self.stored_bytes,
+            "checksums": None if self.checksums is None else list(self.checksums),
+            "zeromap": None if self.zeromap is None else base64.b64encode(self.zeromap).decode(),
+            "extents": [list(e) for e in self.extents],
+        }
+        return json.dumps(rec, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_record(cls, raw: bytes) -> Entry:
+        """Parse a named record.
+
+        Raises:
+            ValueError: the record is malformed.
+        """
+        try:
+            rec = json.loads(raw)
+            return cls(
+                key=int(rec["key"]),
+                nbytes=int(rec["nbytes"]),
+                footprint=int(rec["footprint"]),
+                stored_bytes=int(rec["stored_bytes"]),
+                checksums=None if rec["checksums"] is None else tuple(rec["checksums"]),
+                zeromap=None if rec["zeromap"] is None else base64.b64decode(rec["zeromap"]),
+                extents=tuple((int(a), int(b)) for a, b in rec["extents"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed entry record: {e}") from e
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One chunk of an entry: where its non-zero bytes are in the BO
+    (``pieces``, byte ranges), where its zero pages are (``zeros``), and
+    where its stored bytes start in the entry's stored stream."""
+
+    index: int
+    pieces: tuple[tuple[int, int], ...]
+    zeros: tuple[tuple[int, int], ...]
+    stream_offset: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(end - start for start, end in self.pieces)
+
+
+def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
+    """Per-page "all zeros" flags of ``view``, or None when no page is zero.
+
+    Cheap for ordinary data: only pages whose first 8 bytes are zero are read
+    in full; the others cost one cache line each.
+    """
+    data = np.frombuffer(view, np.uint8, count=nbytes)
+    full = nbytes // PAGE_BYTES
+    npages = -(-nbytes // PAGE_BYTES)
+    zero = np.zeros(npages, np.bool_)
+    if full:
+        words = data[: full * PAGE_BYTES].view(np.uint64).reshape(full, PAGE_BYTES // 8)
+        candidates = np.flatnonzero(words[:, 0] == 0)
+        for lo in range(0, len(candidates), _PAGES_PER_CHUNK):  # bounded temporaries
+            idx = candidates[lo : lo + _PAGES_PER_CHUNK]
+            zero[idx] = ~words[idx].any(axis=1)
+    if npages > full:
+        zero[-1] = not data[full * PAGE_BYTES :].any()
+    return zero if zero.any() else None
+
+
+def plan_chunks(nbytes: int, zero: np.ndarray | None) -> list[ChunkPlan]:
+    """Cut ``nbytes`` into chunk plans, skipping zero pages."""
+    plans = []
+    stream = 0
+    for index, start in enumerate(range(0, nbytes, CHUNK_BYTES)):
+        end = min(start + CHUNK_BYTES, nbytes)
+        if zero is None:
+            pieces: tuple[tuple[int, int], ...] = ((start, end),)
+            zeros: tuple[tuple[int, int], ...] = ()
+        else:
+            first = start // PAGE_BYTES
+            flags = zero[first : first + _PAGES_PER_CHUNK]
+            pieces = tuple(_ranges(~flags, first, nbytes))
+            zeros = tuple(_ranges(flags, first, nbytes))
+        plan = ChunkPlan(index, pieces, zeros, stream)
+        stream += plan.stored_bytes
+        plans.append(plan)
+    return plans
+
+
+def _ranges(flags: np.ndarray, first_page: int, nbytes: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of the runs of True in ``flags`` (pages from ``first_page``)."""
+    if not flags.any():
+        return
+    padded = np.concatenate(([False], flags, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    for lo, hi in zip(edges[::2], edges[1::2], strict=True):
+        yield (first_page + int(lo)) * PAGE_BYTES, min((first_page + int(hi)) * PAGE_BYTES, nbytes)
+
+
+class _Hasher:
+    """xxh3-64 over the pieces of one chunk (one call for the common single piece)."""
+
+    def __init__(self) -> None:
+        self._parts: list[memoryview] = []
+
+    def add(self, piece: memoryview) -> None:
+        self._parts.append(piece)
+
+    def digest(self) -> int | None:
+        if not self._parts:
+            return None
+        if len(self._parts) == 1:
+            return int(xxhash.xxh3_64_intdigest(self._parts[0]))
+        h = xxhash.xxh3_64()
+        for part in self._parts:
+            h.update(part)
+        return int(h.intdigest())
+
+
+@dataclass
+class FsckReport:
+    """What :meth:`SwapStore.fsck` found; ``ok`` when ``problems`` is empty."""
+
+    path: str
+    backend: str
+    entries: int = 0
+    names: list[str] = field(default_factory=list)
+    stored_bytes: int = 0
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class SwapStore(ABC):
+    """A swap-slot store; subclasses place the stored bytes.
+
+    Args:
+        path: store directory (created, mode 0700, if missing); None for a
+            private temporary directory deleted by :meth:`close`.
+        size_bytes: the store's size (its data file is preallocated).
+        checksums: keep and verify an xxh3-64 per chunk.
+        durability: a :class:`Durability` or its value.
+
+    Raises (constructor):
+        ValueError: ``size_bytes`` too small, or a durability the backend
+            cannot do.
+        StoreError: the directory cannot be created, the store is open
+            elsewhere, its format version or backend differs, or the space
+            cannot be preallocated (full or read-only filesystem).
+
+    Notes:
+        Thread-safe. ``_lock`` guards the refcounts, the live entries, the
+        space accounting and every write transaction; reads run concurrently.
+        Data copies of different entries may run concurrently too: space is
+        reserved under the lock, bytes are copied outside it.
+    """
+
+    backend_name = "?"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        size_bytes: int,
+        *,
+        checksums: bool = True,
+        durability: Durability | str = Durability.LAZY,
+    ) -> None:
+        self.checksums = checksums
+        try:
+            self.durability = Durability(durability)
+        except ValueError:
+            raise ValueError(
+                f"durability must be one of {[d.value for d in Durability]}, got {durability!r}"
+            ) from None
+        self._check_durability()
+        minimum = self._minimum_size()
+        if size_bytes < minimum:
+            raise ValueError(f"store_size must be at least {minimum} bytes, got {size_bytes}")
+        self._temporary = path is None
+        try:
+            if path is None:
+                self.path = tempfile.mkdtemp(prefix="gpubo-store-")
+            else:
+                self.path = os.fspath(path)
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store directory {path!r}: {e}") from e
+        self._lock = threading.Lock()
+        # Serialises LMDB write transactions (one writer at a time); taken
+        # after _lock when both are needed.
+        self._write_lock = threading.Lock()
+        self._lock_fd = -1
+        self._env: lmdb.Environment | None = None
+        self._refs: dict[int, int] = {}  # entry key -> references; guarded by _lock
+        self._entries: dict[int, Entry] = {}  # live entries; guarded by _lock
+        self._names: dict[str, Entry] = {}  # committed named records; guarded by _lock
+        self._used_bytes = 0  # guarded by _lock
+        self._next_key = 1  # guarded by _lock
+        try:
+            self._take_lock()
+            self._env = self._open_env(size_bytes)
+            self._names_db = self._env.open_db(b"names")
+            self._meta_db = self._env.open_db(b"meta")
+            self._check_format()
+            self._open_data(size_bytes)
+            self._load_names()
+        except lmdb.Error as e:
+            self.close()
+            raise StoreError(f"cannot open the store at {self.path!r}: {e}") from e
+        except BaseException:
+            self.close()
+            raise
+
+    # -- backend hooks ------------------------------------------------------
+
+    def _check_durability(self) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError if this backend cannot honour ``self.durability``."""
+
+    @abstractmethod
+    def _minimum_size(self) -> int: ...
+
+    @abstractmethod
+    def _open_env(self, size_bytes: int) -> lmdb.Environment:
+        """Open the LMDB environment that holds the metadata."""
+
+    @abstractmethod
+    def _open_data(self, size_bytes: int) -> None:
+        """Open or create the data space; sets ``size_bytes`` and ``capacity_bytes``."""
+
+    @abstractmethod
+    def _reclaim(self, keep: dict[int, Entry]) -> int:
+        """Drop stored data not referenced by ``keep`` (records); return bytes reclaimed."""
+
+    @abstractmethod
+    def _place(
+        self, key: int, nbytes: int, plans: list[ChunkPlan]
+    ) -> tuple[tuple[tuple[int, int], ...], int]:
+        """Reserve room for the planned stored bytes: ``(extents, footprint)``.
+
+        Raises StoreFull with nothing reserved. Holds ``_lock``.
+        """
+
+    @abstractmethod
+    def _write_chunks(
+        self, key: int, extents: tuple[tuple[int, int], ...], src: memoryview, plans: list[ChunkPlan]
+    ) -> list[int | None]:
+        """Copy the planned pieces of ``src`` into place; per-chunk checksums."""
+
+    @abstractmethod
+    def _read_chunks(self, entry: Entry, dst: memoryview, plans: list[ChunkPlan], label: str) -> None:
+        """Copy ``entry``'s stored bytes into ``dst`` and verify them."""
+
+    @abstractmethod
+    def _unplace(self, entry: Entry) -> None:
+        """Give back ``entry``'s space. Holds ``_lock``."""
+
+    @abstractmethod
+    def _flush(self, entry: Entry) -> None:
+        """Make ``entry``'s bytes durable."""
+
+    @abstractmethod
+    def footprint(self, nbytes: int) -> int:
+        """Capacity an entry of ``nbytes`` may take at most."""
+
+    def transit_bytes(self, largest_nbytes: int) -> int:
+        """Capacity that must stay free, beyond the live entries, so that an
+        entry of up to ``largest_nbytes`` can always be written."""
+        return 0
+
+    # -- opening ------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        lock_path = os.path.join(self.path, _LOCK_NAME)
+        try:
+            self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreError(f"store {self.path!r} is already open (in this or another process)") from e
+            raise StoreError(f"cannot lock store {self.path!r}: {e}") from e
+
+    def _check_format(self) -> None:
+        env = self._require_env()
+        want = f"gpubo-store {FORMAT_VERSION} {self.backend_name}".encode()
+        with env.begin(write=True, db=self._meta_db) as txn:
+            have = txn.get(_FORMAT_KEY)
+            if have is None:
+                txn.put(_FORMAT_KEY, want)
+                return
+        if have == want:
+            return
+        parts = bytes(have).decode(errors="replace").split()
+        if len(parts) == 3 and parts[0] == "gpubo-store" and parts[1] == str(FORMAT_VERSION):
+            raise StoreError(
+                f"store {self.path!r} is a {parts[2]!r} store; open it with store_backend={parts[2]!r}"
+            )
+        version = parts[1] if len(parts) > 1 else "unknown"
+        raise StoreError(
+            f"store {self.path!r} has format version {version}; this gpubo reads version {FORMAT_VERSION}"
+        )
+
+    def _load_names(self) -> None:
+        env = self._require_env()
+        keep: dict[int, Entry] = {}
+        with env.begin(db=self._names_db) as txn:
+            for raw_name, raw in txn.cursor():
+                name = bytes(raw_name).decode()
+                try:
+                    entry = Entry.from_record(bytes(raw))
+                except ValueError as e:
+                    raise StoreError(f"store {self.path!r}: record {name!r} is damaged: {e}") from e
+                self._names[name] = entry
+                keep[entry.key] = entry
+        for entry in keep.values():
+            self._entries[entry.key] = entry
+            self._refs[entry.key] = sum(1 for e in self._names.values() if e.key == entry.key)
+            self._used_bytes += entry.footprint
+            self._next_key = max(self._next_key, entry.key + 1)
+        reclaimed = self._reclaim(keep)
+        if reclaimed:
+            log.info("store %s: reclaimed %d bytes of anonymous entries", self.path, reclaimed)
+
+    # -- entries ------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        """Capacity taken by live entries."""
+        return self._used_bytes
+
+    def write(self, src: memoryview) -> Entry:
+        """Store the bytes of ``src`` as a new entry with one reference.
+
+        Zero pages are found and skipped; each chunk is hashed after it is
+        copied. With ``sync`` durability the bytes are flushed before the
+        entry is returned.
+
+        Raises:
+            StoreFull: not enough room; nothing was written.
+            StoreError: the copy or the flush failed; nothing was committed.
+        """
+        return self._write(src, src.nbytes, scan_zero_pages(src, src.nbytes))
+
+    def write_zeros(self, nbytes: int) -> Entry:
+        """A new entry of ``nbytes`` zeros: no byte is read or written."""
+        return self._write(None, nbytes, np.ones(-(-nbytes // PAGE_BYTES), np.bool_))
+
+    def _write(self, src: memoryview | None, nbytes: int, zero_flags: np.ndarray | None) -> Entry:
+        plans = plan_chunks(nbytes, zero_flags)
+        stored = sum(p.stored_bytes for p in plans)
+        with self._lock:
+            key = self._next_key
+            self._next_key += 1
+            extents, footprint = self._place(key, nbytes, plans)
+            self._used_bytes += footprint
+        try:
+            if stored:
+                assert src is not None
+                sums = self._write_chunks(key, extents, src, plans)
+            else:
+                sums = [None] * len(plans)
+            entry = Entry(
+                key=key,
+                nbytes=nbytes,
+                footprint=footprint,
+                stored_bytes=stored,
+                checksums=tuple(sums) if self.checksums else None,
+                zeromap=None if zero_flags is None else np.packbits(zero_flags).tobytes(),
+                extents=extents,
+            )
+            if self.durability is Durability.SYNC:
+                self._flush(entry)
+        except BaseException:
+            with self._lock:
+                self._used_bytes -= footprint
+                self._unplace(Entry(key, nbytes, footprint, stored, None, None, extents))
+            raise
+        with self._lock:
+            self._entries[key] = entry
+            self._refs[key] = 1
+        return entry
+
+    def read_into(self, entry: Entry, dst: memoryview, label: str) -> None:
+        """Copy ``entry``'s bytes into ``dst`` (zero pages zero-filled) and verify them.
+
+        Raises:
+            IntegrityError: stored bytes are missing or fail their checksum;
+                ``offset`` names the chunk's first byte, ``label`` the owner.
+            StoreError: the store failed.
+        """
+        plans = plan_chunks(entry.nbytes, entry.zero_pages())
+        out = np.frombuffer(dst, np.uint8, count=entry.nbytes)
+        for plan in plans:
+            for start, end in plan.zeros:
+                out[start:end] = 0
+        if entry.stored_bytes:
+            self._read_chunks(entry, dst, plans, label)
+
+    def _verify(self, entry: Entry, plan: ChunkPlan, hasher: _Hasher, label: str) -> None:
+        if entry.checksums is None:
+            return
+        if hasher.digest() != entry.checksums[plan.index]:
+            offset = plan.index * CHUNK_BYTES
+            raise IntegrityError(
+                f"{label}: checksum mismatch in the store at byte {offset} (chunk {plan.index})",
+                bo=label,
+                offset=offset,
+            )
+
+    def retain(self, entry: Entry) -> None:
+        """Add a reference to a live entry."""
+        with self._lock:
+            self._refs[entry.key] += 1
+
+    def release(self, entry: Entry) -> None:
+        """Drop a reference; the last one gives the space back.
+
+        Raises:
+            StoreError: the store failed; the space stays accounted as used.
+        """
+        with self._lock:
+            self._release_locked(entry)
+
+    def _release_locked(self, entry: Entry) -> None:
+        left = self._refs[entry.key] - 1
+        if left:
+            self._refs[entry.key] = left
+            return
+        self._unplace(entry)
+        del self._refs[entry.key]
+        del self._entries[entry.key]
+        self._used_bytes -= entry.footprint
+
+    def flush(self, entry: Entry) -> None:
+        """Make ``entry``'s bytes durable now (for a named record).
+
+        Raises:
+            StoreError: the flush failed.
+        """
+        if entry.stored_bytes:
+            self._flush(entry)
+
+    # -- named records ------------------------------------------------------
+
+    def commit_name(self, name: str, entry: Entry) -> None:
+        """Point the durable record ``name`` at ``entry`` (flushed first), atomically.
+
+        The record takes a reference; the entry it pointed at before loses one
+        after the commit (a crash in between leaves unreferenced bytes, which
+        the next open reclaims).
+
+        Raises:
+            StoreError: the commit failed; the old record stands.
+        """
+        self.flush(entry)
+        env = self._require_env()
+        with self._lock:
+            old = self._names.get(name)
+            if old is not None and old.key == entry.key:
+                return
+            try:
+                with self._write_lock, env.begin(write=True, db=self._names_db) as txn:
+                    txn.put(name.encode(), entry.to_record())
+                self._sync_meta()
+            except lmdb.Error as e:
+                raise StoreError(f"committing record {name!r} failed: {e}") from e
+            self._refs[entry.key] += 1
+            self._names[name] = entry
+            if old is not None:
+                self._release_locked(old)
+
+    def lookup(self, name: str) -> Entry | None:
+        """The entry of record ``name`` with a new reference for the caller, or None."""
+        with self._lock:
+            entry = self._names.get(name)
+            if entry is not None:
+                self._refs[entry.key] += 1
+            return entry
+
+    def record_footprint(self, name: str) -> int:
+        """Capacity the record ``name`` holds (0 if there is none)."""
+        with self._lock:
+            entry = self._names.get(name)
+            return 0 if entry is None else entry.footprint
+
+    @property
+    def record_bytes(self) -> int:
+        """Capacity held by the entries of named records."""
+        with self._lock:
+            return sum({e.key: e.footprint for e in self._names.values()}.values())
+
+    def remove_name(self, name: str) -> bool:
+        """Delete record ``name``; False if there was none.
+
+        Raises:
+            StoreError: the commit failed.
+        """
+        env = self._require_env()
+        with self._lock:
+            old = self._names.get(name)
+            if old is None:
+                return False
+            try:
+                with self._write_lock, env.begin(write=True, db=self._names_db) as txn:
+                    txn.delete(name.encode())
+                self._sync_meta()
+            except lmdb.Error as e:
+                raise StoreError(f"removing record {name!r} failed: {e}") from e
+            del self._names[name]
+            self._release_locked(old)
+            return True
+
+    def names(self) -> list[str]:
+        """Names of the committed records, sorted."""
+        with self._lock:
+            return sorted(self._names)
+
+    def _sync_meta(self) -> None:
+        """Records are always durable once committed."""
+        self._require_env().sync(True)
+
+    # -- checking -----------------------------------------------------------
+
+    def fsck(self) -> FsckReport:
+        """Check every record: checksums, extents, refcounts, space accounting.
+
+        Meant for a store with no live anonymous entries (as opened by
+        ``gpubo fsck``): every stored byte must then belong to a record.
+        """
+        report = FsckReport(self.path, self.backend_name, capacity_bytes=self.capacity_bytes)
+        with self._lock:
+            names = dict(self._names)
+            entries = dict(self._entries)
+            refs = dict(self._refs)
+            report.used_bytes = self._used_bytes
+        report.names = sorted(names)
+        report.entries = len(entries)
+        for key in entries:
+            holders = sum(1 for e in names.values() if e.key == key)
+            if refs.get(key) != holders:
+                report.problems.append(f"entry {key}: refcount {refs.get(key)} but {holders} record(s)")
+        accounted = sum(e.footprint for e in entries.values())
+        if accounted != report.used_bytes:
+            report.problems.append(f"space accounting: {report.used_bytes} used, entries hold {accounted}")
+        for name, entry in sorted(names.items()):
+            report.stored_bytes += entry.stored_bytes
+            scratch = np.empty(entry.nbytes, np.uint8)
+            try:
+                self.read_into(entry, memoryview(scratch.data), repr(name))
+            except IntegrityError as e:
+                report.problems.append(str(e))
+            except StoreError as e:
+                report.problems.append(f"record {name!r}: {e}")
+        report.problems.extend(self._fsck_space(entries))
+        return report
+
+    def _fsck_space(self, entries: dict[int, Entry]) -> list[str]:
+        """Backend check: stored data not owned by any entry (leaks), overlaps."""
+        return []
+
+    # -- lifetime -----------------------------------------------------------
+
+    def _require_env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise StoreError("the store is closed")
+        return self._env
+
+    def _close_data(self) -> None:  # noqa: B027 - optional hook
+        """Backend: close data files."""
+
+    def close(self) -> None:
+        """Close the store, unlock it, and delete it if temporary. Idempotent."""
+        self._close_data()
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # also drops the flock
+            self._lock_fd = -1
+        if self._temporary and os.path.isdir(self.path):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        if self._env is None:
+            return f"<{type(self).__name__} {self.path} closed>"
+        return (
+            f"<{type(self).__name__} {self.path} {self.durability.value} used={self._used_bytes}"
+            f"/{self.capacity_bytes} entries={len(self._entries)} names={len(self._names)}>"
+        )
+
+    size_bytes: int
+    capacity_bytes: int

@@ -1,0 +1,305 @@
+"""The slot-file backend: stored bytes in a preallocated file of 4 KiB slots.
+
+``slots.bin`` is created at its full size with ``posix_fallocate`` and
+memory-mapped; an entry's stored bytes are laid out, in order, over its
+extents (see :mod:`gpubo.store.slots`). Eviction copies from the mapped
+device buffer straight into the mapped slots; restore copies back from them.
+Only named records touch LMDB (a small metadata environment beside the slot
+file); the slot map itself is not saved: it is rebuilt from the records when
+the store is opened, so anonymous entries of a dead process are free again
+by construction and a crash can never leak a slot.
+
+Durability: ``lazy`` leaves the bytes in the page cache; ``sync`` flushes
+the entry's slots (msync) before the entry is committed; ``direct`` writes
+and reads with ``O_DIRECT`` through one chunk-sized, page-aligned bounce
+buffer (allocated once), so eviction does not fill the page cache. A
+filesystem that refuses ``O_DIRECT`` (tmpfs, for one) is a clear StoreError
+when the store is opened.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+
+import lmdb
+import numpy as np
+
+from gpubo._errors import StoreError, StoreFull
+from gpubo.store.base import (
+    CHUNK_BYTES,
+    PAGE_BYTES,
+    ChunkPlan,
+    Durability,
+    Entry,
+    SwapStore,
+    _Hasher,
+)
+from gpubo.store.slots import SlotAllocator
+
+__all__ = ["SlotFileStore"]
+
+log = logging.getLogger(__name__)
+
+_SLOTS_NAME = "slots.bin"
+Extents = tuple[tuple[int, int], ...]
+
+
+def _segments(extents: Extents, start: int, length: int) -> Iterator[tuple[int, int]]:
+    """File ``(offset, length)`` runs holding stream bytes ``[start, start+length)``."""
+    pos = 0
+    for slot, count in extents:
+        ext_bytes = count * PAGE_BYTES
+        if start < pos + ext_bytes and length > 0:
+            skip = max(0, start - pos)
+            n = min(ext_bytes - skip, length)
+            yield slot * PAGE_BYTES + skip, n
+            start += n
+            length -= n
+        pos += ext_bytes
+        if length <= 0:
+            return
+
+
+def _zip(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+    """Pair two lists of ``(offset, length)`` runs of equal total length:
+    yields ``(offset in a, offset in b, length)``."""
+    i = j = 0
+    ai, ao = a[0] if a else (0, 0)
+    bi, bo = b[0] if b else (0, 0)
+    while i < len(a) and j < len(b):
+        n = min(ao, bo)
+        yield ai, bi, n
+        ai, ao, bi, bo = ai + n, ao - n, bi + n, bo - n
+        if not ao:
+            i += 1
+            if i < len(a):
+                ai, ao = a[i]
+        if not bo:
+            j += 1
+            if j < len(b):
+                bi, bo = b[j]
+
+
+class SlotFileStore(SwapStore):
+    """Swap entries in a preallocated slot file (see the module docstring)."""
+
+    backend_name = "slotfile"
+
+    def _minimum_size(self) -> int:
+        return PAGE_BYTES
+
+    def footprint(self, nbytes: int) -> int:
+        return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+
+    def _open_env(self, size_bytes: int) -> lmdb.Environment:
+        # Metadata only: records are small (a checksum per MiB, a few extents).
+        return lmdb.open(
+            self.path,
+            map_size=(64 << 20) + size_bytes // 256,
+            subdir=True,
+            sync=True,
+            metasync=True,
+            max_dbs=4,
+            mode=0o600,
+        )
+
+    def _open_data(self, size_bytes: int) -> None:
+        path = os.path.join(self.path, _SLOTS_NAME)
+        self._fd = -1
+        self._direct_fd = -1
+        self._mmap: mmap.mmap | None = None
+        try:
+            if os.path.exists(path):
+                self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                self.size_bytes = os.fstat(self._fd).st_size // PAGE_BYTES * PAGE_BYTES
+                if self.size_bytes != size_bytes // PAGE_BYTES * PAGE_BYTES:
+                    log.info("store %s keeps its size %d (asked %d)", self.path, self.size_bytes, size_bytes)
+            else:
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                self.size_bytes = size_bytes // PAGE_BYTES * PAGE_BYTES
+                try:
+                    os.posix_fallocate(self._fd, 0, self.size_bytes)
+                except OSError:
+                    os.close(self._fd)
+                    self._fd = -1
+                    os.unlink(path)  # never leave a half-made slot file behind
+                    raise
+            self._mmap = mmap.mmap(self._fd, self.size_bytes)
+        except OSError as e:
+            raise StoreError(f"cannot create or map the slot file {path!r} ({size_bytes} bytes): {e}") from e
+        self._slots = np.frombuffer(self._mmap, np.uint8)
+        self._view = memoryview(self._mmap)
+        self._alloc = SlotAllocator(self.size_bytes // PAGE_BYTES)
+        self.capacity_bytes = self.size_bytes
+        if self.durability is Durability.DIRECT:
+            try:
+                self._direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise StoreError(
+                        f"the filesystem of {path!r} refuses O_DIRECT; use durability='sync' or 'lazy'"
+                    ) from e
+                raise StoreError(f"cannot open {path!r} with O_DIRECT: {e}") from e
+            self._bounce = mmap.mmap(-1, CHUNK_BYTES + PAGE_BYTES)  # page-aligned, once
+            self._bounce_arr = np.frombuffer(self._bounce, np.uint8)
+            self._bounce_lock = threading.Lock()  # one chunk through the bounce at a time
+
+    def _reclaim(self, keep: dict[int, Entry]) -> int:
+        for entry in keep.values():
+            try:
+                self._alloc.mark_used(entry.extents)
+            except ValueError as e:
+                raise StoreError(f"store {self.path!r}: entry {entry.key} is damaged: {e}") from e
+        return 0  # slots of anonymous entries were never recorded: free already
+
+    def _place(self, key: int, nbytes: int, plans: list[ChunkPlan]) -> tuple[Extents, int]:
+        stored = sum(p.stored_bytes for p in plans)
+        nslots = -(-stored // PAGE_BYTES)
+        extents = self._alloc.alloc(nslots)
+        if extents is None:
+            free = self._alloc.free_slots * PAGE_BYTES
+            raise StoreFull(
+                f"store full: {nbytes} bytes need {nslots * PAGE_BYTES} bytes of slots, {free} free",
+                nbytes=nbytes,
+                free_bytes=free,
+            )
+        return tuple(extents), nslots * PAGE_BYTES
+
+    def _write_chunks(
+        self, key: int, extents: Extents, src: memoryview, plans: list[ChunkPlan]
+    ) -> list[int | None]:
+        data = np.frombuffer(src, np.uint8)
+        sums: list[int | None] = []
+        for plan in plans:
+            n = plan.stored_bytes
+            if not n:
+                sums.append(None)
+                continue
+            hasher = _Hasher()
+            if self.durability is Durability.DIRECT:
+                with self._bounce_lock:
+                    self._write_direct(extents, plan, data)
+                    hasher.add(memoryview(self._bounce)[:n])
+                    sums.append(hasher.digest() if self.checksums else None)
+                continue
+            else:
+                segs = list(_segments(extents, plan.stream_offset, n))
+                pieces = [(s, e - s) for s, e in plan.pieces]
+                for src_off, file_off, length in _zip(pieces, segs):
+                    np.copyto(self._slots[file_off : file_off + length], data[src_off : src_off + length])
+                for file_off, length in segs:  # after the copy, while in cache
+                    hasher.add(self._view[file_off : file_off + length])
+            sums.append(hasher.digest() if self.checksums else None)
+        return sums
+
+    def _write_direct(self, extents: Extents, plan: ChunkPlan, data: np.ndarray) -> None:
+        pos = 0
+        for start, end in plan.pieces:
+            self._bounce_arr[pos : pos + end - start] = data[start:end]
+            pos += end - start
+        padded = -(-pos // PAGE_BYTES) * PAGE_BYTES
+        self._bounce_arr[pos:padded] = 0
+        view = memoryview(self._bounce)
+        done = 0
+        try:
+            for file_off, length in _segments(extents, plan.stream_offset, padded):
+                written = os.pwrite(self._direct_fd, view[done : done + length], file_off)
+                if written != length:
+                    raise OSError(errno.EIO, f"short O_DIRECT write ({written} of {length})")
+                done += length
+        except OSError as e:
+            raise StoreError(f"O_DIRECT write to the slot file failed: {e}") from e
+
+    def _read_chunks(self, entry: Entry, dst: memoryview, plans: list[ChunkPlan], label: str) -> None:
+        out = np.frombuffer(dst, np.uint8, count=entry.nbytes)
+        for plan in plans:
+            n = plan.stored_bytes
+            if not n:
+                continue
+            hasher = _Hasher()
+            pieces = [(s, e - s) for s, e in plan.pieces]
+            if self.durability is Durability.DIRECT:
+                with self._bounce_lock:
+                    self._read_direct(entry.extents, plan)
+                    for stream_off, dst_off, length in _zip([(0, n)], pieces):
+                        chunk = self._bounce_arr[stream_off : stream_off + length]
+                        np.copyto(out[dst_off : dst_off + length], chunk)
+                    hasher.add(memoryview(self._bounce)[:n])
+                    self._verify(entry, plan, hasher, label)
+                continue
+            else:
+                segs = list(_segments(entry.extents, plan.stream_offset, n))
+                for file_off, dst_off, length in _zip(segs, pieces):
+                    np.copyto(out[dst_off : dst_off + length], self._slots[file_off : file_off + length])
+                for file_off, length in segs:  # verified after the copy, while in cache
+                    hasher.add(self._view[file_off : file_off + length])
+            self._verify(entry, plan, hasher, label)
+
+    def _read_direct(self, extents: Extents, plan: ChunkPlan) -> None:
+        padded = -(-plan.stored_bytes // PAGE_BYTES) * PAGE_BYTES
+        view = memoryview(self._bounce)
+        done = 0
+        try:
+            for file_off, length in _segments(extents, plan.stream_offset, padded):
+                got = os.preadv(self._direct_fd, [view[done : done + length]], file_off)
+                if got != length:
+                    raise OSError(errno.EIO, f"short O_DIRECT read ({got} of {length})")
+                done += length
+        except OSError as e:
+            raise StoreError(f"O_DIRECT read from the slot file failed: {e}") from e
+
+    def _unplace(self, entry: Entry) -> None:
+        self._alloc.free(entry.extents)
+
+    def _flush(self, entry: Entry) -> None:
+        try:
+            if self.durability is Durability.DIRECT:
+                os.fdatasync(self._direct_fd)
+                return
+            assert self._mmap is not None
+            for slot, count in entry.extents:
+                self._mmap.flush(slot * PAGE_BYTES, count * PAGE_BYTES)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"flushing the slot file failed: {e}") from e
+
+    def _sync_meta(self) -> None:
+        return  # the metadata environment syncs every commit
+
+    def _fsck_space(self, entries: dict[int, Entry]) -> list[str]:
+        used = int(self._alloc.used_mask().sum()) * PAGE_BYTES
+        owned = sum(count * PAGE_BYTES for e in entries.values() for _, count in e.extents)
+        if used != owned:
+            return [f"slot map: {used} bytes of slots in use, entries own {owned}"]
+        return []
+
+    def _close_data(self) -> None:
+        if getattr(self, "_direct_fd", -1) >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        if getattr(self, "_mmap", None) is not None:
+            self._slots = np.empty(0, np.uint8)
+            self._view.release()
+            try:
+                self._mmap.close()  # type: ignore[union-attr]
+            except BufferError:  # a view still alive somewhere: the GC unmaps it
+                log.debug("slot file mapping still exported at close")
+            self._mmap = None
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if getattr(self, "_bounce", None) is not None:
+            self._bounce_arr = np.empty(0, np.uint8)
+            try:
+                self._bounce.close()
+            except BufferError:
+                log.debug("bounce buffer still exported at close")
+            self._bounce = None  # type: ignore[assignment]
+
+    def chunk_count(self) -> int:
+        """Slots in use (for leak checks)."""
+        return int(self._alloc.used_mask().sum())
