@@ -25,6 +25,7 @@ __all__ = [
     "SlotFileStore",
     "SwapStore",
     "detect_backend",
+    "open_existing",
     "open_store",
 ]
 
@@ -63,3 +64,22 @@ def open_store(
     if cls is None:
         raise ValueError(f"store_backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     return cls(path, size_bytes, checksums=checksums, durability=durability)
+
+
+def open_existing(path: str | os.PathLike[str], *, reclaim: bool = True) -> SwapStore:
+    """Open the store at ``path`` with its own backend and size (for the CLI).
+
+    ``reclaim=False`` keeps what a dead process left, for ``fsck`` to report.
+
+    Raises:
+        StoreError: there is no store at ``path``, or it cannot be opened.
+    """
+    from gpubo._errors import StoreError
+
+    backend = detect_backend(path)
+    if backend is None:
+        raise StoreError(f"no gpubo store at {os.fspath(path)!r}")
+    data = "slots.bin" if backend == "slotfile" else "data.mdb"
+    size = os.path.getsize(os.path.join(path, data))
+    cls = BACKENDS[backend]
+    return cls(path, size, reclaim=reclaim)

@@ -254,6 +254,8 @@ class SwapStore(ABC):
         size_bytes: the store's size (its data file is preallocated).
         checksums: keep and verify an xxh3-64 per chunk.
         durability: a :class:`Durability` or its value.
+        reclaim: drop what a dead process left (anonymous entries) at open;
+            ``False`` keeps it, for :meth:`fsck` to report.
 
     Raises (constructor):
         ValueError: ``size_bytes`` too small, or a durability the backend
@@ -278,8 +280,10 @@ class SwapStore(ABC):
         *,
         checksums: bool = True,
         durability: Durability | str = Durability.LAZY,
+        reclaim: bool = True,
     ) -> None:
         self.checksums = checksums
+        self._reclaim_at_open = reclaim
         try:
             self.durability = Durability(durability)
         except ValueError:
@@ -430,7 +434,7 @@ class SwapStore(ABC):
             self._refs[entry.key] = sum(1 for e in self._names.values() if e.key == entry.key)
             self._used_bytes += entry.footprint
             self._next_key = max(self._next_key, entry.key + 1)
-        reclaimed = self._reclaim(keep)
+        reclaimed = self._reclaim(keep) if self._reclaim_at_open else 0
         if reclaimed:
             log.info("store %s: reclaimed %d bytes of anonymous entries", self.path, reclaimed)
 

@@ -17,6 +17,7 @@ before it returns. ``direct`` needs the slot-file backend.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
@@ -36,6 +37,8 @@ from gpubo.store.base import (
 )
 
 __all__ = ["LmdbStore"]
+
+log = logging.getLogger(__name__)
 
 #: LMDB puts a 16-byte header in front of an overflow value.
 _OVERFLOW_HEADER = 16
@@ -78,6 +81,12 @@ class LmdbStore(SwapStore):
 
     def _open_env(self, size_bytes: int) -> lmdb.Environment:
         sync = self.durability is Durability.SYNC
+        existing = os.path.join(self.path, _DATA_NAME)
+        if os.path.exists(existing):  # a store keeps the size it was created with
+            size = os.path.getsize(existing)
+            if size != size_bytes:
+                log.info("store %s keeps its size %d (asked %d)", self.path, size, size_bytes)
+            size_bytes = size
         return lmdb.open(
             self.path,
             map_size=size_bytes,
@@ -222,13 +231,17 @@ class LmdbStore(SwapStore):
 
     def _fsck_space(self, entries: dict[int, Entry]) -> list[str]:
         env = self._require_env()
-        problems = []
+        orphans: dict[int, int] = {}
         with env.begin(db=self._data_db) as txn:
             for raw_key, value in txn.cursor():
-                key, index = _KEY.unpack(raw_key)
+                key, _ = _KEY.unpack(raw_key)
                 if key not in entries:
-                    problems.append(f"leak: chunk {index} of entry {key} ({len(value)} bytes) has no owner")
-        return problems
+                    orphans[key] = orphans.get(key, 0) + len(value)
+        return [
+            f"leak: entry {key} holds {nbytes} bytes but no record owns it "
+            "(left by a process that died; the next open reclaims it)"
+            for key, nbytes in sorted(orphans.items())
+        ]
 
     def chunk_count(self) -> int:
         """Number of stored chunk values (for leak checks)."""

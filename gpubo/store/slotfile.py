@@ -149,6 +149,11 @@ class SlotFileStore(SwapStore):
             self._bounce_arr = np.frombuffer(self._bounce, np.uint8)
             self._bounce_lock = threading.Lock()  # one chunk through the bounce at a time
 
+    def _load_names(self) -> None:
+        super()._load_names()
+        if not self._reclaim_at_open:  # the slot map is always rebuilt from records
+            self._reclaim(dict(self._entries))
+
     def _reclaim(self, keep: dict[int, Entry]) -> int:
         for entry in keep.values():
             try:
