@@ -13,9 +13,11 @@ from gpubo._errors import (
     ManagerClosed,
     NameNotFound,
     OutOfDeviceMemory,
+    Purged,
     StoreError,
     StoreFull,
 )
+from gpubo._groups import Group, GroupStats
 from gpubo._manager import Manager, Stats
 from gpubo._units import format_bytes, parse_bytes
 
@@ -27,11 +29,14 @@ __all__ = [
     "BufferObject",
     "DeviceError",
     "GpuboError",
+    "Group",
+    "GroupStats",
     "IntegrityError",
     "Manager",
     "ManagerClosed",
     "NameNotFound",
     "OutOfDeviceMemory",
+    "Purged",
     "State",
     "Stats",
     "StoreError",

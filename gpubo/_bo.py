@@ -15,6 +15,7 @@ import pyopencl as cl
 from gpubo._units import format_bytes
 
 if TYPE_CHECKING:
+    from gpubo._groups import Group
     from gpubo._manager import Manager
     from gpubo.store.base import Entry
 
@@ -26,13 +27,15 @@ class State(enum.Enum):
 
     RESIDENT = "resident"  #: in a device buffer
     SWAPPED = "swapped"  #: in a store entry, no device buffer
+    PURGED = "purged"  #: a purgeable BO whose content was dropped; reads raise Purged
     FREED = "freed"  #: gone; every use raises BufferFreed
 
 
 #: The state machine: which moves are allowed from each state.
 ALLOWED_MOVES: dict[State, frozenset[State]] = {
-    State.RESIDENT: frozenset({State.SWAPPED, State.FREED}),
-    State.SWAPPED: frozenset({State.RESIDENT, State.FREED}),
+    State.RESIDENT: frozenset({State.SWAPPED, State.PURGED, State.FREED}),
+    State.SWAPPED: frozenset({State.RESIDENT, State.PURGED, State.FREED}),
+    State.PURGED: frozenset({State.RESIDENT, State.FREED}),  # a write revives it, zeroed
     State.FREED: frozenset(),
 }
 
@@ -49,13 +52,14 @@ class BufferObject:
         Thread-safe. Fields are grouped by what protects them:
 
         * constant after init: ``manager``, ``id``, ``nbytes``, ``name``,
-          ``priority``, ``store_footprint``;
+          ``priority``, ``group``, ``store_footprint``;
         * ``lock`` (the BO lock, held while the BO's bytes move or are read or
           written): ``buf``, ``entry`` (the swapped content, or for a resident
           BO a clean copy kept in the store: the swap cache), ``known_zero``
           (untouched since allocation, so all zeros);
-        * the manager's lock: ``pin_count``, ``events``; ``state`` is written
-          with both locks held, so either one is enough to read it.
+        * the manager's lock: ``pin_count``, ``events``, ``is_purgeable``;
+          ``state`` is written with both locks held, so either one is enough
+          to read it.
     """
 
     __slots__ = (
@@ -63,7 +67,9 @@ class BufferObject:
         "buf",
         "entry",
         "events",
+        "group",
         "id",
+        "is_purgeable",
         "known_zero",
         "lock",
         "manager",
@@ -85,6 +91,7 @@ class BufferObject:
         store_footprint: int,
         buf: cl.Buffer | None,
         entry: Entry | None = None,
+        group: Group | None = None,
     ) -> None:
         self.manager = manager
         self.id = bo_id
@@ -99,6 +106,8 @@ class BufferObject:
         self.state = State.RESIDENT if buf is not None else State.SWAPPED
         self.pin_count = 0
         self.events: list[cl.Event] = []
+        self.group = group
+        self.is_purgeable = False
 
     # -- public API ---------------------------------------------------------
 
@@ -106,6 +115,31 @@ class BufferObject:
     def pinned(self) -> bool:
         """True while inside a ``with bo.pin()`` block (or a launch is enqueuing it)."""
         return self.pin_count > 0
+
+    @property
+    def purgeable(self) -> bool:
+        """True if the content may be dropped under pressure instead of swapped out.
+
+        Set it to say so (like i915's madvise): shrinkers then drop the BO
+        first, with no I/O, and it becomes :attr:`State.PURGED`. Setting it
+        back to False keeps a purged BO purged; :meth:`set_purgeable` also
+        says whether the content was retained.
+        """
+        return self.is_purgeable
+
+    @purgeable.setter
+    def purgeable(self, value: bool) -> None:
+        self.set_purgeable(value)
+
+    def set_purgeable(self, value: bool) -> bool:
+        """Set :attr:`purgeable`; return whether the content is still there
+        (False once the BO was purged).
+
+        Raises:
+            TypeError: ``value`` is not a bool.
+            BufferFreed: the BO was freed.
+        """
+        return self.manager._bo_set_purgeable(self, value)
 
     @property
     def busy(self) -> bool:
@@ -116,7 +150,8 @@ class BufferObject:
         """Copy ``data`` (a numpy array or bytes-like) into the BO at byte ``offset``.
 
         Restores the BO first if it is swapped (a write that covers the whole
-        BO skips reading the old bytes back).
+        BO skips reading the old bytes back). Writing to a purged BO revives
+        it, zero-filled, with ``data`` written.
 
         Raises:
             TypeError: ``data`` is not bytes-like or is an object array.
@@ -137,6 +172,7 @@ class BufferObject:
             TypeError: ``dtype`` is not a numpy dtype or holds objects.
             ValueError: ``offset`` or ``count`` out of range.
             BufferFreed: the BO was freed.
+            Purged: the BO was purgeable and its content was dropped.
             OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
         """
         return self.manager._bo_read(self, dtype, count, offset)
@@ -214,9 +250,12 @@ class BufferObject:
 
     def __repr__(self) -> str:
         label = f"#{self.id}" + (f" {self.name!r}" if self.name else "")
+        extra = (f" group={self.group.name!r}" if self.group else "") + (
+            " purgeable" if self.is_purgeable else ""
+        )
         return (
             f"<BufferObject {label} {format_bytes(self.nbytes)} {self.state.name}"
-            f" prio={self.priority} pins={self.pin_count} pending_events={len(self.events)}>"
+            f" prio={self.priority} pins={self.pin_count} pending_events={len(self.events)}{extra}>"
         )
 
     def label(self) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "ManagerClosed",
     "NameNotFound",
     "OutOfDeviceMemory",
+    "Purged",
     "StoreError",
     "StoreFull",
 ]
@@ -93,3 +94,11 @@ class NameNotFound(GpuboError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class Purged(GpuboError):
+    """The BO was purgeable and its content was dropped under pressure.
+
+    Writing to it revives it (zero-filled); reading, pinning or launching
+    with it raises this.
+    """

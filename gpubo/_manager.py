@@ -50,13 +50,24 @@ from gpubo._errors import (
     ManagerClosed,
     NameNotFound,
     OutOfDeviceMemory,
+    Purged,
     StoreError,
     StoreFull,
 )
+from gpubo._groups import _KEEP, Group, GroupStats, check_limits
 from gpubo._lru import LRU, NUM_PRIORITIES
 from gpubo._transfer import swap_in, swap_out
 from gpubo._units import format_bytes, parse_bytes
 from gpubo.backends.opencl import OpenCLBackend
+from gpubo.shrinker import (
+    DeviceShrinker,
+    LinuxPressure,
+    PoolShrinker,
+    PressureMonitor,
+    PressureSource,
+    Shrinker,
+    StoreCacheShrinker,
+)
 from gpubo.store import Durability, Entry, SwapStore, open_store
 
 __all__ = ["Manager", "Stats"]
@@ -90,6 +101,8 @@ class Stats:
     pooled_bytes: int
     store_capacity_bytes: int
     store_used_bytes: int
+    purged_bytes: int = 0
+    purges: int = 0
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -138,6 +151,9 @@ class Manager:
             of an existing store at ``store``, else ``"lmdb"``.
         durability: ``"lazy"`` (page cache), ``"sync"`` (flushed before an
             entry is committed) or ``"direct"`` (O_DIRECT, slotfile only).
+        pressure: watch host memory pressure and shrink when it rises:
+            True for Linux's signals, or a :class:`~gpubo.shrinker.PressureSource`
+            (see :meth:`watch_pressure`); off by default.
         device: None (a GPU if present, else any OpenCL device), or a
             ``pyopencl.Device`` or ``pyopencl.Context``.
         checksums: keep an xxh3-64 checksum per stored chunk and verify it on
@@ -167,6 +183,7 @@ class Manager:
         store_backend: str | None = None,
         durability: str = "lazy",
         checksums: bool = True,
+        pressure: bool | PressureSource | None = None,
     ) -> None:
         self.budget: int = parse_bytes(budget, "budget")
         if self.budget == 0:
@@ -217,6 +234,16 @@ class Manager:
         self._restores = 0
         self._bytes_evicted = 0
         self._bytes_restored = 0
+        self._purged_bytes = 0
+        self._purges = 0
+        self._purgeable_resident = 0  # resident, unpinned, purgeable BOs (a fast path hint)
+        self._groups: dict[str, Group] = {}
+        # Shrinkers run in this order by shrink(); the registry is guarded by _lock.
+        self._shrinkers: list[Shrinker] = [PoolShrinker(self), DeviceShrinker(self), StoreCacheShrinker(self)]
+        self._shrink_ctx = threading.local()  # may_block of the shrink running in this thread
+        self._monitor: PressureMonitor | None = None
+        if pressure is not None and pressure is not False:
+            self.watch_pressure(None if pressure is True else pressure)
         log.info(
             "gpubo manager on %s: budget %s, store %s (%s)",
             self.backend.name,
@@ -237,12 +264,17 @@ class Manager:
         """The in-order pyopencl queue gpubo copies and launches on."""
         return self.backend.queue
 
-    def alloc(self, nbytes: int, name: str | None = None, priority: int = 0) -> BufferObject:
+    def alloc(
+        self, nbytes: int, name: str | None = None, priority: int = 0, *, group: Group | None = None
+    ) -> BufferObject:
         """A new resident, zero-filled BO of ``nbytes``, evicting LRU BOs if needed.
+
+        ``group`` (see :meth:`group`) puts the BO under that group's limits.
 
         Raises:
             TypeError, ValueError: bad ``nbytes`` (must be an int > 0),
-                ``name`` (str or None) or ``priority`` (0 to 3).
+                ``name`` (str or None), ``priority`` (0 to 3) or ``group``
+                (a Group of this manager).
             OutOfDeviceMemory: ``nbytes`` exceeds the budget or the device's
                 largest allocation (nothing is evicted then), or the room
                 cannot be made.
@@ -255,7 +287,16 @@ class Manager:
         priority = _check_int(priority, "priority", 0)
         if priority >= NUM_PRIORITIES:
             raise ValueError(f"priority must be in 0..{NUM_PRIORITIES - 1}, got {priority}")
+        if group is not None and (not isinstance(group, Group) or group.manager is not self):
+            raise ValueError(f"group must be a Group of this manager, got {group!r}")
         limit = min(self.budget, self.backend.max_alloc_bytes)
+        if group is not None and group.max_bytes is not None and nbytes > group.max_bytes:
+            raise OutOfDeviceMemory(
+                f"cannot allocate {format_bytes(nbytes)}: larger than group {group.name!r}'s max "
+                f"({format_bytes(group.max_bytes)})",
+                nbytes=nbytes,
+                budget=self.budget,
+            )
         if nbytes > limit:
             what = "budget" if nbytes > self.budget else "device's largest allocation"
             raise OutOfDeviceMemory(
@@ -268,13 +309,13 @@ class Manager:
             self._check_open_locked()
             self._admit_locked(nbytes, footprint)
         try:
-            buf = self._new_buffer(nbytes, zero=True)
+            buf = self._new_buffer(nbytes, zero=True, group=group)
         except BaseException:
             with self._lock:
                 self._unadmit_locked(nbytes, footprint)
             raise
         with self._lock:
-            bo = BufferObject(self, next(self._ids), nbytes, name, priority, footprint, buf)
+            bo = BufferObject(self, next(self._ids), nbytes, name, priority, footprint, buf, group=group)
             if self._closed:  # close() ran while we allocated
                 self._unadmit_locked(nbytes, footprint)
                 bo.state = State.FREED
@@ -282,10 +323,12 @@ class Manager:
             else:
                 closed = False
                 self._bos[bo.id] = bo
-                self._resident_bytes += nbytes
-                self._lru.add(bo)
+                if group is not None:
+                    group.bo_count += 1
+                self._resident_delta_locked(bo, +1)
+                self._lru_add_locked(bo)
         if closed:
-            self._release(buf, nbytes)
+            self._release(buf, nbytes, group)
             raise ManagerClosed("the manager was closed")
         log.debug("alloc %r", bo)
         return bo
@@ -354,9 +397,12 @@ class Manager:
     def evict(self, nbytes: int | str) -> int:
         """Free at least ``nbytes`` of device memory if possible; return bytes freed.
 
-        Pooled buffers go first, then least recently used idle BOs, then busy
-        ones (after waiting for their kernels). Pinned BOs, and BOs another
-        thread is using right now, are skipped.
+        Pooled buffers go first, then the device shrinker's walk: purgeable
+        BOs (dropped, no I/O), idle BOs whose content is already in the store
+        (no copy), other idle BOs, and last busy ones (after waiting for their
+        kernels), each in LRU order, lower priority first. Pinned BOs, BOs
+        another thread is using right now, and BOs of groups within their
+        ``min`` are skipped.
 
         Raises:
             TypeError, ValueError: bad ``nbytes``.
@@ -367,16 +413,8 @@ class Manager:
         self._check_open()
         with self._room_lock:
             freed = self._drain_pool(want)
-            while freed < want:
-                with self._lock:
-                    victim, _ = self._pick_victim_locked()
-                if victim is None:
-                    break
-                try:
-                    self._swap_out_locked(victim, keep_buffer=False)
-                finally:
-                    victim.lock.release()
-                freed += victim.nbytes
+            if freed < want:
+                freed += self._shrink_device(want - freed, may_block=True)
         return freed
 
     def open(self, name: str, priority: int = 0) -> BufferObject:
@@ -410,7 +448,7 @@ class Manager:
                 raise
             bo = BufferObject(self, next(self._ids), entry.nbytes, name, priority, footprint, None, entry)
             self._bos[bo.id] = bo
-            self._swapped_bytes += bo.nbytes
+            self._swapped_delta_locked(bo, +1)
         log.debug("opened %r", bo)
         return bo
 
@@ -455,10 +493,171 @@ class Manager:
                     if bo.state is State.RESIDENT and not pinned:
                         self._swap_out_locked(bo, keep_buffer=False)
                         swapped += 1
-                    if bo.name is not None:
+                    if bo.name is not None and bo.state is not State.PURGED:
                         self._sync_locked(bo)
             self._drain_pool(None)
         return swapped
+
+    def group(self, name: str, *, max: object = _KEEP, low: object = _KEEP, min: object = _KEEP) -> Group:
+        """The group ``name``, created (with the limits given) if it does not exist.
+
+        Limits are sizes (int or ``"256MiB"``); ``max`` None means unlimited;
+        ``low`` defaults to ``min``. Given for an existing group, they replace
+        those limits at once (see :meth:`Group.set_limits`).
+
+        Raises:
+            TypeError, ValueError: bad name or limits (``min <= low <= max``).
+            ManagerClosed: the manager was closed.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"group name must be a non-empty str, got {name!r}")
+        with self._lock:
+            self._check_open_locked()
+            grp = self._groups.get(name)
+            if grp is None:
+                limits = check_limits(
+                    None if max is _KEEP else max,
+                    None if low is _KEEP else low,
+                    None if min is _KEEP else min,
+                )
+                grp = Group(self, name, *limits)
+                self._groups[name] = grp
+                return grp
+        if not (max is _KEEP and low is _KEEP and min is _KEEP):
+            grp.set_limits(max=max, low=low, min=min)
+        return grp
+
+    def groups(self) -> list[Group]:
+        """Every group of this manager, by name."""
+        with self._lock:
+            return [self._groups[n] for n in sorted(self._groups)]
+
+    def _set_group_limits(self, grp: Group, max_: object, low: object, min_: object) -> None:
+        limits = check_limits(max_, low, min_)
+        with self._room_lock:
+            with self._lock:
+                grp.max_bytes, grp.low_bytes, grp.min_bytes = limits
+            new_max = limits[0]
+            if new_max is None:
+                return
+            while True:  # a lower max takes effect now
+                with self._lock:
+                    if grp.charged_bytes <= new_max:
+                        return
+                    victim, _ = self._pick_victim_locked(for_group=grp, only_group=grp)
+                if victim is None:
+                    raise OutOfDeviceMemory(
+                        f"group {grp.name!r} holds {format_bytes(grp.charged_bytes)} that cannot be "
+                        f"evicted below its new max {format_bytes(new_max)} (pinned or in use)",
+                        budget=self.budget,
+                    )
+                try:
+                    if victim.is_purgeable:
+                        self._purge_locked(victim)
+                    else:
+                        self._swap_out_locked(victim, keep_buffer=False)
+                finally:
+                    victim.lock.release()
+
+    def _group_stats(self, grp: Group) -> GroupStats:
+        with self._lock:
+            return GroupStats(
+                name=grp.name,
+                max_bytes=grp.max_bytes,
+                low_bytes=grp.low_bytes,
+                min_bytes=grp.min_bytes,
+                resident_bytes=grp.resident_bytes,
+                swapped_bytes=grp.swapped_bytes,
+                bo_count=grp.bo_count,
+                evictions=grp.evictions,
+            )
+
+    # -- shrinkers and pressure ----------------------------------------------
+
+    @property
+    def shrinkers(self) -> list[Shrinker]:
+        """The registered shrinkers, in the order :meth:`shrink` runs them."""
+        with self._lock:
+            return list(self._shrinkers)
+
+    def register_shrinker(self, shrinker: Shrinker, *, first: bool = False) -> None:
+        """Add a shrinker (anything with ``count()`` and ``scan(nbytes)``), last
+        or ``first``.
+
+        Raises:
+            TypeError: ``shrinker`` lacks ``count`` or ``scan``.
+        """
+        if not isinstance(shrinker, Shrinker):
+            raise TypeError(f"shrinker must have count() and scan(nbytes), got {type(shrinker).__name__}")
+        with self._lock:
+            if first:
+                self._shrinkers.insert(0, shrinker)
+            else:
+                self._shrinkers.append(shrinker)
+
+    def unregister_shrinker(self, shrinker: Shrinker) -> None:
+        """Remove a shrinker; no-op if it is not registered."""
+        with self._lock:
+            if shrinker in self._shrinkers:
+                self._shrinkers.remove(shrinker)
+
+    def shrink(self, nbytes: int | str, *, may_block: bool = True) -> int:
+        """Run the shrinkers in order until ``nbytes`` are freed; return bytes freed.
+
+        A shrinker that raises is logged and skipped; the others still run.
+        With ``may_block`` False (as the pressure monitor calls it) the device
+        walk only try-locks and skips BOs a kernel is still using.
+
+        Raises:
+            TypeError, ValueError: bad ``nbytes``.
+        """
+        want = parse_bytes(nbytes, "nbytes")
+        freed = 0
+        self._shrink_ctx.may_block = may_block
+        try:
+            for shrinker in self.shrinkers:
+                if freed >= want:
+                    break
+                try:
+                    got = int(shrinker.scan(want - freed))
+                except Exception:
+                    log.exception("shrinker %r failed; the others still run", shrinker)
+                    continue
+                freed += max(0, got)
+        finally:
+            self._shrink_ctx.may_block = True
+        return freed
+
+    def _shrink_may_block(self) -> bool:
+        return bool(getattr(self._shrink_ctx, "may_block", True))
+
+    def _evictable_bytes(self) -> int:
+        """Resident bytes no pin holds (what the device shrinker could free)."""
+        with self._lock:
+            return self._resident_bytes - self._pinned_bytes
+
+    def watch_pressure(
+        self, source: PressureSource | None = None, *, interval: float = 1.0
+    ) -> PressureMonitor:
+        """Start a monitor thread that shrinks when ``source`` reports pressure.
+
+        ``source`` None reads Linux's signals (:class:`~gpubo.shrinker.LinuxPressure`).
+        A second call replaces the running monitor. ``close()`` stops it.
+
+        Raises:
+            ValueError: ``interval`` is not positive.
+            TypeError: ``source`` has no ``read()``.
+            ManagerClosed: the manager was closed.
+        """
+        if source is not None and not callable(getattr(source, "read", None)):
+            raise TypeError(f"source must have a read() method, got {type(source).__name__}")
+        self._check_open()
+        monitor = PressureMonitor(self, source if source is not None else LinuxPressure(), interval)
+        old, self._monitor = self._monitor, monitor
+        if old is not None:
+            old.stop()
+        monitor.start()
+        return monitor
 
     def stats(self) -> Stats:
         """A consistent snapshot of the counters."""
@@ -476,6 +675,8 @@ class Manager:
                 pooled_bytes=self._pooled_bytes,
                 store_capacity_bytes=self.store.capacity_bytes,
                 store_used_bytes=self.store.used_bytes,
+                purged_bytes=self._purged_bytes,
+                purges=self._purges,
             )
 
     def close(self) -> None:
@@ -489,6 +690,8 @@ class Manager:
                 return
             self._closed = True
             live = list(self._bos.values())
+        if self._monitor is not None:
+            self._monitor.stop()
         with self._room_lock:
             for bo in live:
                 try:
@@ -565,7 +768,7 @@ class Manager:
         if offset + src.nbytes > bo.nbytes:
             raise ValueError(f"{src.nbytes} bytes at offset {offset} do not fit the {bo.nbytes}-byte buffer")
         whole = offset == 0 and src.nbytes == bo.nbytes
-        replaced = self._lock_resident(bo, replace_with=src if whole else None)
+        replaced = self._lock_resident(bo, replace_with=src if whole else None, revive=True)
         try:
             if src.nbytes and not replaced:
                 self._mark_dirty(bo)
@@ -582,7 +785,7 @@ class Manager:
             with self._lock:
                 bo.pin_count += 1
                 if bo.pin_count == 1:
-                    self._lru.remove(bo)
+                    self._lru_remove_locked(bo)
                     self._pinned_bytes += bo.nbytes
             return self._buf(bo)
         finally:
@@ -595,7 +798,7 @@ class Manager:
             bo.pin_count -= 1
             if bo.pin_count == 0:
                 self._pinned_bytes -= bo.nbytes
-                self._lru.add(bo)
+                self._lru_add_locked(bo)
                 self._cond.notify_all()
 
     def _bo_sync(self, bo: BufferObject) -> None:
@@ -608,6 +811,8 @@ class Manager:
     def _sync_locked(self, bo: BufferObject) -> None:
         """Commit ``bo``'s current content as its name's record. Holds ``bo.lock``."""
         assert bo.name is not None
+        if bo.state is State.PURGED:
+            raise Purged(f"{bo.label()} was purged; write it before syncing")
         if bo.state is State.RESIDENT and bo.entry is None:
             with self._lock:
                 events = list(bo.events)
@@ -631,10 +836,24 @@ class Manager:
                 )
         self.store.commit_name(bo.name, entry)
 
+    def _bo_set_purgeable(self, bo: BufferObject, value: bool) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"purgeable must be a bool, got {type(value).__name__}")
+        with bo.lock:
+            self._check_alive(bo)
+            with self._lock:
+                listed = bo in self._lru
+                if listed:
+                    self._lru_remove_locked(bo)
+                bo.is_purgeable = value
+                if listed:
+                    self._lru_add_locked(bo)
+                return bo.state is not State.PURGED
+
     def _bo_evict(self, bo: BufferObject) -> None:
         with bo.lock:
             self._check_alive(bo)
-            if bo.state is State.SWAPPED:
+            if bo.state is not State.RESIDENT:  # swapped, or purged: nothing on the device
                 return
             with self._lock:
                 if bo.pin_count:
@@ -667,20 +886,24 @@ class Manager:
                 log.warning("a kernel using %s failed: %s", bo.label(), e)
             buf, entry = bo.buf, bo.entry
             with self._lock:
+                if bo.state is State.RESIDENT:
+                    self._resident_delta_locked(bo, -1)
+                    if not self._closed:  # keep it for the next alloc/restore of this size
+                        self._pool_locked(self._buf(bo), bo.nbytes)
+                        buf = None
+                elif bo.state is State.SWAPPED:
+                    self._swapped_delta_locked(bo, -1)
+                else:
+                    self._purged_bytes -= bo.nbytes
+                self._lru_remove_locked(bo)
                 self._move(bo, State.FREED)
-                self._lru.remove(bo)
                 del self._bos[bo.id]
+                if bo.group is not None:
+                    bo.group.bo_count -= 1
                 self._unadmit_locked(bo.nbytes, bo.store_footprint)
                 if bo.pin_count:
                     self._pinned_bytes -= bo.nbytes
                     bo.pin_count = 0
-                if buf is not None:
-                    self._resident_bytes -= bo.nbytes
-                    if not self._closed:  # keep it for the next alloc/restore of this size
-                        self._pool_locked(buf, bo.nbytes)
-                        buf = None
-                else:
-                    self._swapped_bytes -= bo.nbytes
                 bo.buf = bo.entry = None
                 bo.events.clear()
                 self._cond.notify_all()
@@ -692,12 +915,15 @@ class Manager:
 
     # -- moving bytes -------------------------------------------------------
 
-    def _lock_resident(self, bo: BufferObject, replace_with: np.ndarray | None = None) -> bool:
+    def _lock_resident(
+        self, bo: BufferObject, replace_with: np.ndarray | None = None, revive: bool = False
+    ) -> bool:
         """Return holding ``bo.lock`` with ``bo`` resident, or raise holding nothing.
 
-        With ``replace_with`` (the BO's complete new content) a swapped BO is
-        brought in with those bytes instead of its stored ones; the result
-        says whether that happened.
+        With ``replace_with`` (the BO's complete new content) a swapped or
+        purged BO is brought in with those bytes instead of its stored ones;
+        the result says whether that happened. A purged BO raises Purged,
+        unless ``revive`` (a write): then it comes back zero-filled.
         """
         bo.lock.acquire()
         if bo.state is State.RESIDENT:
@@ -710,6 +936,11 @@ class Manager:
                 self._check_alive(bo)
                 if bo.state is State.SWAPPED:
                     self._restore_locked(bo, replace_with)
+                    return replace_with is not None
+                if bo.state is State.PURGED:
+                    if not revive:
+                        raise Purged(f"{bo.label()} was purgeable and its content was dropped")
+                    self._revive_locked(bo, replace_with)
                     return replace_with is not None
                 return False
             except BaseException:
@@ -725,20 +956,20 @@ class Manager:
         """
         entry = bo.entry
         assert entry is not None
-        buf = self._new_buffer(bo.nbytes, zero=False)
+        buf = self._new_buffer(bo.nbytes, zero=False, group=bo.group)
         try:
             if replace_with is None:
                 swap_in(self.backend, self.store, entry, buf, bo.label())
             else:
                 self.backend.upload(buf, replace_with, 0)
         except BaseException:
-            self._release(buf, bo.nbytes)
+            self._release(buf, bo.nbytes, bo.group)
             raise
         with self._lock:
             self._move(bo, State.RESIDENT)
-            self._swapped_bytes -= bo.nbytes
-            self._resident_bytes += bo.nbytes
-            self._lru.add(bo)
+            self._swapped_delta_locked(bo, -1)
+            self._resident_delta_locked(bo, +1)
+            self._lru_add_locked(bo)
             if replace_with is None:
                 # Swap cache: the entry stays while the BO is clean, so
                 # evicting it again costs no copy.
@@ -751,6 +982,51 @@ class Manager:
         if replace_with is not None:
             self._release_entry(entry)
         log.debug("restored %r", bo)
+
+    def _revive_locked(self, bo: BufferObject, replace_with: np.ndarray | None) -> None:
+        """Bring purged ``bo`` back, zero-filled or with ``replace_with``.
+        Holds ``_room_lock`` and ``bo.lock``."""
+        buf = self._new_buffer(bo.nbytes, zero=replace_with is None, group=bo.group)
+        if replace_with is not None:
+            try:
+                self.backend.upload(buf, replace_with, 0)
+            except BaseException:
+                self._release(buf, bo.nbytes, bo.group)
+                raise
+        with self._lock:
+            self._move(bo, State.RESIDENT)
+            bo.buf = buf
+            bo.known_zero = replace_with is None
+            self._purged_bytes -= bo.nbytes
+            self._resident_delta_locked(bo, +1)
+            self._lru_add_locked(bo)
+        log.debug("revived %r", bo)
+
+    def _purge_locked(self, bo: BufferObject) -> int:
+        """Drop purgeable ``bo``'s content (no I/O); device bytes freed.
+        Holds ``bo.lock``; ``bo`` is resident or swapped and not pinned."""
+        with self._lock:
+            events = list(bo.events)
+        self.backend.wait(events)
+        buf, entry = bo.buf, bo.entry
+        with self._lock:
+            if bo.state is State.RESIDENT:
+                self._resident_delta_locked(bo, -1)
+                self._lru_remove_locked(bo)
+            else:
+                self._swapped_delta_locked(bo, -1)
+            self._move(bo, State.PURGED)
+            bo.buf = bo.entry = None
+            bo.events.clear()
+            bo.known_zero = False
+            self._purged_bytes += bo.nbytes
+            self._purges += 1
+        if buf is not None:
+            self._release(buf, bo.nbytes)
+        if entry is not None:
+            self._release_entry(entry)
+        log.debug("purged %r", bo)
+        return bo.nbytes if buf is not None else 0
 
     def _swap_out_locked(self, bo: BufferObject, keep_buffer: bool) -> None:
         """Evict resident, unpinned ``bo``; the caller holds ``bo.lock``.
@@ -769,11 +1045,13 @@ class Manager:
             self._move(bo, State.SWAPPED)
             bo.buf = None
             bo.events.clear()
-            self._lru.remove(bo)
-            self._resident_bytes -= bo.nbytes
-            self._swapped_bytes += bo.nbytes
+            self._lru_remove_locked(bo)
+            self._resident_delta_locked(bo, -1)
+            self._swapped_delta_locked(bo, +1)
             self._evictions += 1
             self._bytes_evicted += copied
+            if bo.group is not None:
+                bo.group.evictions += 1
             if keep_buffer:
                 self._pool_locked(buf, bo.nbytes)
         if not keep_buffer:
@@ -838,24 +1116,24 @@ class Manager:
 
     # -- budget and pool ----------------------------------------------------
 
-    def _new_buffer(self, nbytes: int, zero: bool) -> cl.Buffer:
-        """A device buffer of ``nbytes`` charged to the budget (zeroed if ``zero``).
+    def _new_buffer(self, nbytes: int, zero: bool, group: Group | None = None) -> cl.Buffer:
+        """A device buffer of ``nbytes`` charged to the budget and to ``group``
+        (zeroed if ``zero``).
 
         Raises:
             OutOfDeviceMemory: no room could be made, or the device itself is
                 out of memory with nothing left to evict.
         """
-        buf = self._charge(nbytes)
+        buf = self._charge(nbytes, group)
         while buf is None:
             try:
                 return self.backend.allocate(nbytes)  # allocate() zero-fills
             except OutOfDeviceMemory as e:
                 # The device is fuller than the budget says (other users,
                 # fragmentation, or a budget above the device's memory).
-                with self._lock:
-                    self._charged_bytes -= nbytes
+                self._uncharge(nbytes, group)
                 with self._room_lock:
-                    freed = self._drain_pool(None) + self._evict_any()
+                    freed = self._drain_pool(None) + self._shrink_device(nbytes, may_block=True)
                     if not freed:
                         raise OutOfDeviceMemory(
                             f"the device cannot allocate {format_bytes(nbytes)} even with every "
@@ -863,42 +1141,65 @@ class Manager:
                             nbytes=nbytes,
                             budget=self.budget,
                         ) from e
-                    log.info("device out of memory below the budget; evicted %d bytes", freed)
-                    buf = self._charge(nbytes)
+                    log.info("device out of memory below the budget; freed %d bytes", freed)
+                    buf = self._charge(nbytes, group)
         if zero:
             try:
                 self.backend.zero(buf, nbytes)
             except BaseException:
-                self._release(buf, nbytes)
+                self._release(buf, nbytes, group)
                 raise
         return buf
 
-    def _charge(self, nbytes: int) -> cl.Buffer | None:
-        """Charge ``nbytes`` to the budget, evicting if needed.
+    def _charge(self, nbytes: int, group: Group | None) -> cl.Buffer | None:
+        """Charge ``nbytes`` to the budget and ``group``, evicting if needed.
 
         Returns a pooled buffer of exactly ``nbytes`` (content undefined) when
         one can be reused, else None and the caller allocates.
         """
         with self._lock:
-            got = self._try_charge_locked(nbytes)
+            got = self._try_charge_locked(nbytes, group)
         if got is not _NO_ROOM:
             return got  # type: ignore[return-value]
         with self._room_lock:
-            return self._make_room(nbytes)
+            return self._make_room(nbytes, group)
 
-    def _try_charge_locked(self, nbytes: int) -> object:
+    def _try_charge_locked(self, nbytes: int, group: Group | None) -> object:
+        if self._over_group_max_locked(nbytes, group):
+            return _NO_ROOM
         bufs = self._pool.get(nbytes)
         if bufs:
             buf = bufs.pop()
             self._pooled_bytes -= nbytes  # stays charged, now in flight
-            return buf
-        if self._charged_bytes + nbytes <= self.budget:
+        elif self._charged_bytes + nbytes <= self.budget:
             self._charged_bytes += nbytes
-            return None
-        return _NO_ROOM
+            buf = None
+        else:
+            return _NO_ROOM
+        if group is not None:
+            group.charged_bytes += nbytes
+        return buf
 
-    def _make_room(self, nbytes: int) -> cl.Buffer | None:
-        """Evict until ``nbytes`` can be charged; see :meth:`_charge`. Holds ``_room_lock``."""
+    def _uncharge(self, nbytes: int, group: Group | None) -> None:
+        with self._lock:
+            self._charged_bytes -= nbytes
+            if group is not None:
+                group.charged_bytes -= nbytes
+            self._cond.notify_all()
+
+    def _over_group_max_locked(self, nbytes: int, group: Group | None) -> bool:
+        return (
+            group is not None
+            and group.max_bytes is not None
+            and group.charged_bytes + nbytes > group.max_bytes
+        )
+
+    def _make_room(self, nbytes: int, group: Group | None) -> cl.Buffer | None:
+        """Evict until ``nbytes`` can be charged; see :meth:`_charge`. Holds ``_room_lock``.
+
+        A group at its ``max`` evicts its own BOs; otherwise victims come
+        from everyone, sparing groups within their protections.
+        """
         with self._lock:
             if nbytes > self.budget - self._pinned_bytes:  # evicting could not help
                 raise OutOfDeviceMemory(
@@ -909,74 +1210,168 @@ class Manager:
                 )
         deadline = time.monotonic() + _ROOM_TIMEOUT_S
         while True:
+            drain = 0
             with self._lock:
-                got = self._try_charge_locked(nbytes)
+                got = self._try_charge_locked(nbytes, group)
                 if got is not _NO_ROOM:
                     return got  # type: ignore[return-value]
-                victim = None
-                shortfall = self._charged_bytes + nbytes - self.budget
-                if not self._pooled_bytes:  # drain the pool before evicting anyone
-                    victim, wait = self._pick_victim_locked()
-                    if victim is None:
-                        if not wait:
-                            raise OutOfDeviceMemory(
-                                f"cannot make room for {format_bytes(nbytes)}: "
-                                f"{format_bytes(self._resident_bytes)} resident, "
-                                f"{format_bytes(self._pinned_bytes)} of it pinned, "
-                                f"budget {format_bytes(self.budget)}",
-                                nbytes=nbytes,
-                                budget=self.budget,
-                            )
-                        if time.monotonic() > deadline:
-                            raise OutOfDeviceMemory(
-                                f"timed out making room for {format_bytes(nbytes)}: "
-                                "the evictable buffers stayed in use by other threads",
-                                nbytes=nbytes,
-                                budget=self.budget,
-                            )
-                        self._cond.wait(0.005)
-                        continue
-            if victim is None:
-                self._drain_pool(shortfall)
+                if self._over_group_max_locked(nbytes, group):
+                    assert group is not None
+                    victim, wait = self._pick_victim_locked(for_group=group, only_group=group)
+                    where = f"group {group.name!r} (max {format_bytes(group.max_bytes or 0)})"
+                elif self._pooled_bytes:  # drain the pool before evicting anyone
+                    victim, wait = None, True
+                    drain = self._charged_bytes + nbytes - self.budget
+                else:
+                    victim, wait = self._pick_victim_locked(for_group=group)
+                    where = f"the budget ({format_bytes(self.budget)})"
+                if victim is None and not drain:
+                    if not wait:
+                        raise OutOfDeviceMemory(
+                            f"cannot make room for {format_bytes(nbytes)} in {where}: "
+                            f"{format_bytes(self._resident_bytes)} resident, "
+                            f"{format_bytes(self._pinned_bytes)} pinned, the rest protected or in use",
+                            nbytes=nbytes,
+                            budget=self.budget,
+                        )
+                    if time.monotonic() > deadline:
+                        raise OutOfDeviceMemory(
+                            f"timed out making room for {format_bytes(nbytes)}: "
+                            "the evictable buffers stayed in use by other threads",
+                            nbytes=nbytes,
+                            budget=self.budget,
+                        )
+                    self._cond.wait(0.005)
+                    continue
+            if drain:
+                self._drain_pool(drain)
                 continue
+            assert victim is not None
             try:
-                self._swap_out_locked(victim, keep_buffer=True)
+                if victim.is_purgeable:
+                    self._purge_locked(victim)
+                else:
+                    self._swap_out_locked(victim, keep_buffer=True)
             finally:
                 victim.lock.release()
 
-    def _pick_victim_locked(self) -> tuple[BufferObject | None, bool]:
-        """The LRU victim, returned with its lock held; idle BOs before busy.
+    def _protection_locked(self, group: Group | None, for_group: Group | None) -> int | None:
+        """Eviction tier of a BO of ``group`` when room is made for
+        ``for_group``: 0 evictable, 1 only when nothing else is (below
+        ``low``), None never (below ``min``)."""
+        if group is None or group is for_group:
+            return 0
+        if group.min_bytes and group.charged_bytes <= group.min_bytes:
+            return None
+        if group.low_bytes and group.charged_bytes <= group.low_bytes:
+            return 1
+        return 0
 
-        Returns ``(None, wait)`` when there is none; ``wait`` says whether
-        waiting could help (BOs locked by other threads, buffers in flight).
+    def _pick_victim_locked(
+        self,
+        *,
+        for_group: Group | None = None,
+        only_group: Group | None = None,
+        shrink: bool = False,
+        may_block: bool = True,
+    ) -> tuple[BufferObject | None, bool]:
+        """The next victim, returned with its lock held, or ``(None, wait)``.
+
+        Order (each in LRU order, lower priority first): purgeable idle BOs;
+        then, per protection tier, idle BOs (for a shrink: those with a clean
+        store copy before dirty ones) and busy ones; busy BOs only if
+        ``may_block``. ``wait`` says whether waiting could help (BOs locked
+        by other threads, buffers in flight).
         """
         contended = False
-        busy = []
+        ranked: dict[int, list[BufferObject]] = {}
         for bo in self._lru:
-            if self._prune_events_locked(bo):
-                busy.append(bo)
-            elif bo.lock.acquire(blocking=False):
-                return bo, False
+            if only_group is not None and bo.group is not only_group:
+                continue
+            tier = self._protection_locked(bo.group, for_group)
+            if tier is None:
+                continue
+            busy = self._prune_events_locked(bo)
+            if busy and not may_block:
+                continue
+            if bo.is_purgeable and not busy:
+                rank = 0
+            elif busy:
+                rank = 6 + tier
+            elif shrink:
+                rank = 1 + 2 * tier + (bo.entry is None)
             else:
+                rank = 1 + 2 * tier
+            if rank == 0 or (rank == 1 and not self._purgeable_resident):
+                # Nothing can rank better: take it now (the common case, O(1)).
+                if bo.lock.acquire(blocking=False):
+                    return bo, False
                 contended = True
-        for bo in busy:
-            if bo.lock.acquire(blocking=False):
-                return bo, False
-            contended = True
+                continue
+            ranked.setdefault(rank, []).append(bo)
+        for rank in sorted(ranked):
+            for bo in ranked[rank]:
+                if bo.lock.acquire(blocking=False):
+                    return bo, False
+                contended = True
         in_flight = self._charged_bytes - self._resident_bytes - self._pooled_bytes
         return None, contended or in_flight > 0
 
-    def _evict_any(self) -> int:
-        """Evict one victim and release its buffer; bytes freed (0 if none)."""
-        with self._lock:
-            victim, _ = self._pick_victim_locked()
-        if victim is None:
+    def _shrink_device(self, nbytes: int, may_block: bool) -> int:
+        """The device shrinker's walk: free up to ``nbytes`` of device memory
+        by purging and evicting (buffers released, not pooled); bytes freed.
+
+        With ``may_block`` False (the pressure monitor) it neither waits for
+        another thread making room nor for a kernel: it skips busy BOs.
+        """
+        if not self._room_lock.acquire(blocking=may_block):
             return 0
         try:
-            self._swap_out_locked(victim, keep_buffer=False)
+            freed = 0
+            while freed < nbytes:
+                with self._lock:
+                    victim, _ = self._pick_victim_locked(shrink=True, may_block=may_block)
+                if victim is None:
+                    break
+                try:
+                    if victim.is_purgeable:
+                        freed += self._purge_locked(victim)
+                    else:
+                        self._swap_out_locked(victim, keep_buffer=False)
+                        freed += victim.nbytes
+                finally:
+                    victim.lock.release()
+            return freed
         finally:
-            victim.lock.release()
-        return victim.nbytes
+            self._room_lock.release()
+
+    # -- accounting helpers -------------------------------------------------
+
+    def _resident_delta_locked(self, bo: BufferObject, sign: int) -> None:
+        """``bo`` became resident (+1; its charge was taken) or left (-1; its
+        group charge goes, its buffer is pooled or released by the caller)."""
+        self._resident_bytes += sign * bo.nbytes
+        if bo.group is not None:
+            bo.group.resident_bytes += sign * bo.nbytes
+            if sign < 0:
+                bo.group.charged_bytes -= bo.nbytes
+
+    def _swapped_delta_locked(self, bo: BufferObject, sign: int) -> None:
+        self._swapped_bytes += sign * bo.nbytes
+        if bo.group is not None:
+            bo.group.swapped_bytes += sign * bo.nbytes
+
+    def _lru_add_locked(self, bo: BufferObject) -> None:
+        """List a resident, unpinned BO as the most recently used."""
+        if bo not in self._lru and bo.is_purgeable:
+            self._purgeable_resident += 1
+        self._lru.add(bo)
+
+    def _lru_remove_locked(self, bo: BufferObject) -> None:
+        if bo in self._lru:
+            self._lru.remove(bo)
+            if bo.is_purgeable:
+                self._purgeable_resident -= 1
 
     def _pool_locked(self, buf: cl.Buffer, nbytes: int) -> None:
         self._pool.setdefault(nbytes, []).append(buf)
@@ -1000,12 +1395,11 @@ class Manager:
             self._release(buf, size)
         return released
 
-    def _release(self, buf: cl.Buffer, nbytes: int) -> None:
-        """Release a charged buffer, then uncharge it (never the other way)."""
+    def _release(self, buf: cl.Buffer, nbytes: int, group: Group | None = None) -> None:
+        """Release a charged buffer, then uncharge it (never the other way);
+        ``group`` for a buffer still charged to one (in flight)."""
         self.backend.release(buf)
-        with self._lock:
-            self._charged_bytes -= nbytes
-            self._cond.notify_all()
+        self._uncharge(nbytes, group)
 
     def _release_entry(self, entry: Entry) -> None:
         try:

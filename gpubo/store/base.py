@@ -314,6 +314,7 @@ class SwapStore(ABC):
         self._names: dict[str, Entry] = {}  # committed named records; guarded by _lock
         self._used_bytes = 0  # guarded by _lock
         self._next_key = 1  # guarded by _lock
+        self._cached_bytes = 0  # written through the page cache since the last drop; guarded by _lock
         try:
             self._take_lock()
             self._env = self._open_env(size_bytes)
@@ -495,6 +496,8 @@ class SwapStore(ABC):
         with self._lock:
             self._entries[key] = entry
             self._refs[key] = 1
+            if self.durability is not Durability.DIRECT:
+                self._cached_bytes += stored
         return entry
 
     def read_into(self, entry: Entry, dst: memoryview, label: str) -> None:
@@ -556,6 +559,30 @@ class SwapStore(ABC):
         """
         if entry.stored_bytes:
             self._flush(entry)
+
+    # -- host page cache ----------------------------------------------------
+
+    def cached_bytes(self) -> int:
+        """Bytes written through the host page cache since the last
+        :meth:`drop_cache` (an upper bound of what it can give back)."""
+        return self._cached_bytes
+
+    def drop_cache(self, nbytes: int) -> int:
+        """Write back the store's dirty pages and let the host drop them;
+        bytes given back (a shrinker's ``scan``).
+
+        Raises:
+            StoreError: the write-back failed.
+        """
+        with self._lock:
+            cached, self._cached_bytes = self._cached_bytes, 0
+        if not cached:
+            return 0
+        return cached if self._drop_cache() else 0
+
+    def _drop_cache(self) -> bool:
+        """Backend: write back and drop the data pages; False if it cannot drop them."""
+        return False
 
     # -- named records ------------------------------------------------------
 

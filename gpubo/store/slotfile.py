@@ -275,6 +275,16 @@ class SlotFileStore(SwapStore):
     def _sync_meta(self) -> None:
         return  # the metadata environment syncs every commit
 
+    def _drop_cache(self) -> bool:
+        assert self._mmap is not None
+        try:
+            self._mmap.flush()  # msync: the dirty pages are written back
+            self._mmap.madvise(mmap.MADV_DONTNEED)  # unmapped here; the file keeps the bytes
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)  # and the host drops them
+        except OSError as e:
+            raise StoreError(f"dropping the slot file's cached pages failed: {e}") from e
+        return True
+
     def _fsck_space(self, entries: dict[int, Entry]) -> list[str]:
         used = int(self._alloc.used_mask().sum()) * PAGE_BYTES
         owned = sum(count * PAGE_BYTES for e in entries.values() for _, count in e.extents)

@@ -1,0 +1,144 @@
+"""Groups: sets of buffer objects with device-memory limits.
+
+The semantics are those of the Linux dmem cgroup controller (6.14):
+
+* ``max``: the group never holds more than this on the device; a group at
+  its limit evicts its own BOs first, and a BO that cannot fit is refused
+  with OutOfDeviceMemory.
+* ``min``: while the group holds no more than this, its BOs are never
+  evicted to make room for anyone else (a hard protection).
+* ``low``: while the group holds no more than this, its BOs are evicted for
+  others only when nothing unprotected is left (a best-effort protection).
+
+Usage is the group's resident bytes plus buffers being brought in for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gpubo._units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from gpubo._bo import BufferObject
+    from gpubo._manager import Manager
+
+__all__ = ["Group", "GroupStats", "check_limits"]
+
+_KEEP: Any = object()
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """A snapshot of one group; sizes in bytes, ``max_bytes`` None if unlimited."""
+
+    name: str
+    max_bytes: int | None
+    low_bytes: int
+    min_bytes: int
+    resident_bytes: int
+    swapped_bytes: int
+    bo_count: int
+    evictions: int
+
+
+def check_limits(max_: object, low: object, min_: object) -> tuple[int | None, int, int]:
+    """Parse and check a group's limits: ``min <= low <= max`` (``low``
+    defaults to ``min``, ``max`` None means unlimited).
+
+    Raises:
+        TypeError, ValueError: a limit is unparsable or negative, or the
+            limits contradict each other (the message names them).
+    """
+    max_bytes = None if max_ is None else parse_bytes(max_, "max")
+    min_bytes = 0 if min_ is None else parse_bytes(min_, "min")
+    low_bytes = min_bytes if low is None else parse_bytes(low, "low")  # default: low = min
+    if min_bytes > low_bytes:
+        raise ValueError(
+            f"min ({format_bytes(min_bytes)}) must not exceed low ({format_bytes(low_bytes)}); "
+            "set both with set_limits(low=..., min=...)"
+        )
+    if max_bytes is not None and low_bytes > max_bytes:
+        raise ValueError(
+            f"low ({format_bytes(low_bytes)}) and min ({format_bytes(min_bytes)}) must not exceed "
+            f"max ({format_bytes(max_bytes)})"
+        )
+    return max_bytes, low_bytes, min_bytes
+
+
+class Group:
+    """A named set of BOs sharing limits; made by :meth:`Manager.group`.
+
+    Notes:
+        Thread-safe. Constant after init: ``manager``, ``name``. Every other
+        field is protected by the manager's lock.
+    """
+
+    def __init__(self, manager: Manager, name: str, max_bytes: int | None, low_bytes: int, min_bytes: int):
+        self.manager = manager
+        self.name = name
+        self.max_bytes = max_bytes
+        self.low_bytes = low_bytes
+        self.min_bytes = min_bytes
+        self.charged_bytes = 0  # resident + being brought in
+        self.resident_bytes = 0
+        self.swapped_bytes = 0
+        self.bo_count = 0
+        self.evictions = 0
+
+    def alloc(self, nbytes: int, name: str | None = None, priority: int = 0) -> BufferObject:
+        """:meth:`Manager.alloc` of a BO in this group (evicting the group's own
+        BOs first when the group is at its ``max``)."""
+        return self.manager.alloc(nbytes, name, priority, group=self)
+
+    def set_limits(self, *, max: object = _KEEP, low: object = _KEEP, min: object = _KEEP) -> None:
+        """Change some limits at once; they take effect now (a lower ``max``
+        evicts the group's BOs down to it).
+
+        Raises:
+            TypeError, ValueError: see :func:`check_limits`.
+            OutOfDeviceMemory: the group's pinned BOs exceed the new ``max``
+                (the limits are set anyway; nothing more can be evicted).
+        """
+        self.manager._set_group_limits(
+            self,
+            self.max_bytes if max is _KEEP else max,
+            self.low_bytes if low is _KEEP else low,
+            self.min_bytes if min is _KEEP else min,
+        )
+
+    @property
+    def max(self) -> int | None:
+        return self.max_bytes
+
+    @max.setter
+    def max(self, value: object) -> None:
+        self.set_limits(max=value)
+
+    @property
+    def low(self) -> int:
+        return self.low_bytes
+
+    @low.setter
+    def low(self, value: object) -> None:
+        self.set_limits(low=value)
+
+    @property
+    def min(self) -> int:
+        return self.min_bytes
+
+    @min.setter
+    def min(self, value: object) -> None:
+        self.set_limits(min=value)
+
+    def stats(self) -> GroupStats:
+        """A consistent snapshot of the group's limits and usage."""
+        return self.manager._group_stats(self)
+
+    def __repr__(self) -> str:
+        limit = "unlimited" if self.max_bytes is None else format_bytes(self.max_bytes)
+        return (
+            f"<Group {self.name!r} resident={format_bytes(self.resident_bytes)}/{limit}"
+            f" low={format_bytes(self.low_bytes)} min={format_bytes(self.min_bytes)} bos={self.bo_count}>"
+        )
