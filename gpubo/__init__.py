@@ -3,7 +3,7 @@
 The public API is what this module exports; everything else is private.
 """
 
-from gpubo._bo import BufferObject, State
+from gpubo._bo import BufferObject, ReadOnly, State, readonly
 from gpubo._errors import (
     BufferBusy,
     BufferFreed,
@@ -37,6 +37,7 @@ __all__ = [
     "NameNotFound",
     "OutOfDeviceMemory",
     "Purged",
+    "ReadOnly",
     "State",
     "Stats",
     "StoreError",
@@ -44,4 +45,5 @@ __all__ = [
     "__version__",
     "format_bytes",
     "parse_bytes",
+    "readonly",
 ]

@@ -6,11 +6,13 @@ import enum
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
+import pyopencl.array as cl_array
 
 from gpubo._units import format_bytes
 
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
     from gpubo._manager import Manager
     from gpubo.store.base import Entry
 
-__all__ = ["ALLOWED_MOVES", "BufferObject", "State"]
+__all__ = ["ALLOWED_MOVES", "BufferObject", "ReadOnly", "State", "readonly"]
 
 
 class State(enum.Enum):
@@ -162,20 +164,32 @@ class BufferObject:
         """
         self.manager._bo_write(self, data, offset)
 
-    def read(self, dtype: npt.DTypeLike = np.uint8, count: int = -1, offset: int = 0) -> np.ndarray:
+    def read(
+        self,
+        dtype: npt.DTypeLike = np.uint8,
+        count: int = -1,
+        offset: int = 0,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Return a copy of ``count`` items of ``dtype`` starting at byte ``offset``.
 
         ``count=-1`` reads to the end of the BO (whose remaining size must then
-        be a multiple of the item size).
+        be a multiple of the item size). With ``out`` (a writable, C-contiguous
+        numpy array of any dtype and shape) ``out.nbytes`` bytes are read into
+        it instead, and ``out`` is returned; ``dtype`` and ``count`` are then
+        not used.
 
         Raises:
-            TypeError: ``dtype`` is not a numpy dtype or holds objects.
-            ValueError: ``offset`` or ``count`` out of range.
+            TypeError: ``dtype`` is not a numpy dtype or holds objects; ``out``
+                is not a numpy array or holds objects.
+            ValueError: ``offset`` or ``count`` out of range; ``out`` is not
+                writable or not C-contiguous, or does not fit.
             BufferFreed: the BO was freed.
             Purged: the BO was purgeable and its content was dropped.
             OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
         """
-        return self.manager._bo_read(self, dtype, count, offset)
+        return self.manager._bo_read(self, dtype, count, offset, out)
 
     @contextmanager
     def pin(self) -> Iterator[cl.Buffer]:
@@ -187,9 +201,33 @@ class BufferObject:
             BufferFreed: the BO was freed.
             OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
         """
-        buf = self.manager._bo_pin(self)
+        buf = self.manager._bo_pin(self, dirty=True)
         try:
             yield buf
+        finally:
+            self.manager._bo_unpin(self)
+
+    @contextmanager
+    def array(
+        self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.uint8, *, readonly: bool = False
+    ) -> Iterator[cl_array.Array]:
+        """A ``pyopencl.array.Array`` of ``shape`` and ``dtype`` over the BO's
+        buffer, pinned for the ``with`` block.
+
+        pyopencl's array operations and reductions work on it, and it can be
+        passed to :meth:`Manager.launch`. ``readonly=True`` promises it is only
+        read, so the BO's clean store copy stays valid (an eviction after the
+        block costs no copy).
+
+        Raises:
+            TypeError, ValueError: bad ``shape`` or ``dtype``, or the array
+                does not fit the BO.
+            BufferFreed, Purged, OutOfDeviceMemory, StoreFull, IntegrityError:
+                see :meth:`pin`.
+        """
+        arr = self.manager._bo_array(self, shape, dtype, readonly)
+        try:
+            yield arr
         finally:
             self.manager._bo_unpin(self)
 
@@ -261,3 +299,26 @@ class BufferObject:
     def label(self) -> str:
         """A short name for messages: ``'weights' (#3)`` or ``#3``."""
         return f"{self.name!r} (#{self.id})" if self.name else f"#{self.id}"
+
+
+@dataclass(frozen=True)
+class ReadOnly:
+    """A buffer object passed to :meth:`Manager.launch` that the kernel only
+    reads; made by :func:`readonly`."""
+
+    bo: BufferObject
+
+
+def readonly(bo: BufferObject) -> ReadOnly:
+    """Mark a kernel argument as read-only, so launching does not dirty the BO
+    (its clean store copy stays valid and a later eviction copies nothing).
+
+    Arguments declared ``const __global`` are found without it when the
+    program is built with ``-cl-kernel-arg-info``.
+
+    Raises:
+        TypeError: ``bo`` is not a BufferObject.
+    """
+    if not isinstance(bo, BufferObject):
+        raise TypeError(f"readonly() takes a BufferObject, got {type(bo).__name__}")
+    return ReadOnly(bo)

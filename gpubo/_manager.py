@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
+import pyopencl.array as cl_array
 
-from gpubo._bo import ALLOWED_MOVES, BufferObject, State
+from gpubo._bo import ALLOWED_MOVES, BufferObject, ReadOnly, State
 from gpubo._errors import (
     BufferBusy,
     BufferFreed,
@@ -58,7 +59,7 @@ from gpubo._groups import _KEEP, Group, GroupStats, check_limits
 from gpubo._lru import LRU, NUM_PRIORITIES
 from gpubo._transfer import swap_in, swap_out
 from gpubo._units import format_bytes, parse_bytes
-from gpubo.backends.opencl import OpenCLBackend
+from gpubo.backends.opencl import OpenCLBackend, readonly_args
 from gpubo.shrinker import (
     DeviceShrinker,
     LinuxPressure,
@@ -105,12 +106,58 @@ class Stats:
     purges: int = 0
 
 
+def _from_environment(budget: Any, store: Any, device: Any) -> tuple[Any, Any, Any]:
+    """Fill what the caller left None from GPUBO_BUDGET, GPUBO_STORE and
+    GPUBO_DEVICE (the constructor's arguments win)."""
+    if budget is None:
+        budget = os.environ.get("GPUBO_BUDGET") or "256MiB"
+    if store is None:
+        store = os.environ.get("GPUBO_STORE") or None
+    if device is None:
+        device = os.environ.get("GPUBO_DEVICE") or None
+    return budget, store, device
+
+
+def _kernel_arg(arg: Any) -> Any:
+    """What OpenCL gets for a launch argument (BOs are pinned by now)."""
+    if isinstance(arg, ReadOnly):
+        arg = arg.bo
+    if isinstance(arg, BufferObject):
+        return arg.buf
+    if isinstance(arg, cl_array.Array):
+        return arg.base_data
+    return arg
+
+
 def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def _check_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype: {e}") from None
+    if dt.hasobject or dt.itemsize == 0:
+        raise TypeError(f"dtype must be a fixed-size numeric dtype, got {dt}")
+    return dt
+
+
+def _as_out_array(out: Any) -> np.ndarray:
+    """A flat uint8 view of a writable, C-contiguous numpy array."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype.hasobject:
+        raise TypeError("out: arrays of Python objects cannot be read into")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+    return out.reshape(-1).view(np.uint8)
 
 
 def _as_byte_array(data: Any) -> np.ndarray:
@@ -139,8 +186,10 @@ class Manager:
     and a swap-slot store, and moves BOs between the device and the store.
 
     Args:
-        budget: device bytes the manager may use (int or ``"256MiB"``).
-        store: None for a private temporary store deleted on close, the path
+        budget: device bytes the manager may use (int or ``"256MiB"``);
+            None: ``$GPUBO_BUDGET``, else 256 MiB.
+        store: None for ``$GPUBO_STORE`` if set, else a private temporary
+            store deleted on close; the path
             of a store directory (created if missing), or a
             :class:`~gpubo.store.SwapStore` (then ``store_size``,
             ``store_backend``, ``durability`` and ``checksums`` are its own,
@@ -154,8 +203,10 @@ class Manager:
         pressure: watch host memory pressure and shrink when it rises:
             True for Linux's signals, or a :class:`~gpubo.shrinker.PressureSource`
             (see :meth:`watch_pressure`); off by default.
-        device: None (a GPU if present, else any OpenCL device), or a
-            ``pyopencl.Device`` or ``pyopencl.Context``.
+        device: a ``pyopencl.Device`` or ``pyopencl.Context``; a string
+            choosing one (``"gpu"``, ``"cpu"``, ``"0:1"`` for platform 0
+            device 1, or part of its name); None: ``$GPUBO_DEVICE`` if set,
+            else a GPU if present, else any OpenCL device.
         checksums: keep an xxh3-64 checksum per stored chunk and verify it on
             every restore.
 
@@ -175,16 +226,17 @@ class Manager:
 
     def __init__(
         self,
-        budget: int | str = "256MiB",
-        store: str | os.PathLike[str] | None = None,
+        budget: int | str | None = None,
+        store: str | os.PathLike[str] | SwapStore | None = None,
         store_size: int | str = "2GiB",
-        device: cl.Device | cl.Context | None = None,
+        device: cl.Device | cl.Context | str | None = None,
         *,
         store_backend: str | None = None,
         durability: str = "lazy",
         checksums: bool = True,
         pressure: bool | PressureSource | None = None,
     ) -> None:
+        budget, store, device = _from_environment(budget, store, device)
         self.budget: int = parse_bytes(budget, "budget")
         if self.budget == 0:
             raise ValueError("budget must be positive")
@@ -238,6 +290,7 @@ class Manager:
         self._purges = 0
         self._purgeable_resident = 0  # resident, unpinned, purgeable BOs (a fast path hint)
         self._groups: dict[str, Group] = {}
+        self._pinned_bufs: dict[int, BufferObject] = {}  # cl_mem handle -> pinned BO
         # Shrinkers run in this order by shrink(); the registry is guarded by _lock.
         self._shrinkers: list[Shrinker] = [PoolShrinker(self), DeviceShrinker(self), StoreCacheShrinker(self)]
         self._shrink_ctx = threading.local()  # may_block of the shrink running in this thread
@@ -345,6 +398,11 @@ class Manager:
 
         BO arguments are passed as their ``pyopencl.Buffer``; they are made
         resident together and stay busy until the returned event completes.
+        An argument may also be :func:`gpubo.readonly` (a BO the kernel only
+        reads) or a ``pyopencl.array.Array`` from :meth:`BufferObject.array`.
+        BOs passed to ``const __global`` parameters (found when the program is
+        built with ``-cl-kernel-arg-info``) or through ``readonly`` are not
+        dirtied: their clean store copy stays valid.
 
         Raises:
             TypeError: ``kernel`` is not a ``pyopencl.Kernel``.
@@ -361,12 +419,16 @@ class Manager:
                 raise TypeError("wait_for must be None or a sequence of pyopencl.Event")
             wait_for = list(wait_for)
         self._check_open()
+        const = readonly_args(kernel)
         bos: dict[int, BufferObject] = {}
+        writes: set[int] = set()  # BOs some argument may write through
         for index, arg in enumerate(args):
-            if isinstance(arg, BufferObject):
-                if arg.manager is not self:
-                    raise ValueError(f"argument {index} ({arg.label()}) belongs to another manager")
-                bos[arg.id] = arg
+            bo = self._launch_arg_bo(index, arg)
+            if bo is None:
+                continue
+            bos[bo.id] = bo
+            if not isinstance(arg, ReadOnly) and index not in const:
+                writes.add(bo.id)
         total = sum(bo.nbytes for bo in bos.values())
         pinned: list[BufferObject] = []
         try:
@@ -381,9 +443,9 @@ class Manager:
                         budget=self.budget,
                     )
                 for bo in sorted(bos.values(), key=lambda b: b.id):
-                    self._bo_pin(bo)
+                    self._bo_pin(bo, dirty=bo.id in writes)
                     pinned.append(bo)
-            cl_args = [arg.buf if isinstance(arg, BufferObject) else arg for arg in args]
+            cl_args = [_kernel_arg(arg) for arg in args]
             event = self.backend.launch(kernel, global_size, local_size, cl_args, wait_for)
             with self._lock:
                 for bo in pinned:
@@ -393,6 +455,27 @@ class Manager:
             for bo in pinned:
                 self._bo_unpin(bo)
         return event
+
+    def _launch_arg_bo(self, index: int, arg: Any) -> BufferObject | None:
+        """The BO behind a launch argument, if any (validated)."""
+        if isinstance(arg, ReadOnly):
+            bo = arg.bo
+        elif isinstance(arg, BufferObject):
+            bo = arg
+        elif isinstance(arg, cl_array.Array):
+            if arg.offset:
+                raise ValueError(
+                    f"argument {index}: an array view with an offset cannot be a kernel argument"
+                )
+            handle = getattr(arg.base_data, "int_ptr", None)
+            with self._lock:
+                owner = self._pinned_bufs.get(handle) if handle is not None else None
+            return owner  # pinned by its array's block; launch pins it again
+        else:
+            return None
+        if bo.manager is not self:
+            raise ValueError(f"argument {index} ({bo.label()}) belongs to another manager")
+        return bo
 
     def evict(self, nbytes: int | str) -> int:
         """Free at least ``nbytes`` of device memory if possible; return bytes freed.
@@ -729,17 +812,23 @@ class Manager:
         with self._lock:
             return self._prune_events_locked(bo)
 
-    def _bo_read(self, bo: BufferObject, dtype: npt.DTypeLike, count: int, offset: int) -> np.ndarray:
-        try:
-            dt = np.dtype(dtype)
-        except TypeError as e:
-            raise TypeError(f"dtype: {e}") from None
-        if dt.hasobject or dt.itemsize == 0:
-            raise TypeError(f"dtype must be a fixed-size numeric dtype, got {dt}")
+    def _bo_read(
+        self, bo: BufferObject, dtype: npt.DTypeLike, count: int, offset: int, out: np.ndarray | None
+    ) -> np.ndarray:
         offset = _check_int(offset, "offset", 0)
-        count = _check_int(count, "count", -1)
         if offset > bo.nbytes:
             raise ValueError(f"offset {offset} is past the end of the {bo.nbytes}-byte buffer")
+        if out is not None:
+            dest = _as_out_array(out)
+            if offset + dest.nbytes > bo.nbytes:
+                raise ValueError(
+                    f"out ({dest.nbytes} bytes) at offset {offset} reads past the end of the "
+                    f"{bo.nbytes}-byte buffer"
+                )
+            self._read_into(bo, dest, offset)
+            return out
+        dt = _check_dtype(dtype)
+        count = _check_int(count, "count", -1)
         if count == -1:
             count, rest = divmod(bo.nbytes - offset, dt.itemsize)
             if rest:
@@ -751,16 +840,19 @@ class Manager:
             raise ValueError(
                 f"count {count} of {dt} at offset {offset} reads past the end of the {bo.nbytes}-byte buffer"
             )
+        result = np.empty(count, dt)
+        self._read_into(bo, result.view(np.uint8), offset)
+        return result
+
+    def _read_into(self, bo: BufferObject, dest: np.ndarray, offset: int) -> None:
         self._lock_resident(bo)
         try:
-            out = np.empty(count, dt)
-            if count:
-                self.backend.download(self._buf(bo), out, offset)
+            if dest.nbytes:
+                self.backend.download(self._buf(bo), dest, offset)
             with self._lock:
                 self._lru.touch(bo)
         finally:
             bo.lock.release()
-        return out
 
     def _bo_write(self, bo: BufferObject, data: Any, offset: int) -> None:
         src = _as_byte_array(data)
@@ -778,18 +870,36 @@ class Manager:
         finally:
             bo.lock.release()
 
-    def _bo_pin(self, bo: BufferObject) -> cl.Buffer:
+    def _bo_pin(self, bo: BufferObject, dirty: bool) -> cl.Buffer:
+        """Make ``bo`` resident and pin it; ``dirty`` unless the holder only reads."""
         self._lock_resident(bo)
         try:
-            self._mark_dirty(bo)  # the holder of the buffer may write to it
+            if dirty:
+                self._mark_dirty(bo)  # the holder of the buffer may write to it
             with self._lock:
                 bo.pin_count += 1
                 if bo.pin_count == 1:
                     self._lru_remove_locked(bo)
                     self._pinned_bytes += bo.nbytes
+                    self._pinned_bufs[self._buf(bo).int_ptr] = bo
             return self._buf(bo)
         finally:
             bo.lock.release()
+
+    def _bo_array(
+        self, bo: BufferObject, shape: int | tuple[int, ...], dtype: npt.DTypeLike, readonly: bool
+    ) -> cl_array.Array:
+        dt = _check_dtype(dtype)
+        dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise TypeError(f"shape must be a non-negative int or a tuple of them, got {shape!r}")
+        nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+        if nbytes > bo.nbytes:
+            raise ValueError(
+                f"an array of shape {dims} and dtype {dt} needs {nbytes} bytes; the BO has {bo.nbytes}"
+            )
+        buf = self._bo_pin(bo, dirty=not readonly)
+        return cl_array.Array(self.queue, dims, dt, data=buf)
 
     def _bo_unpin(self, bo: BufferObject) -> None:
         with self._lock:
@@ -798,6 +908,7 @@ class Manager:
             bo.pin_count -= 1
             if bo.pin_count == 0:
                 self._pinned_bytes -= bo.nbytes
+                self._pinned_bufs.pop(self._buf(bo).int_ptr, None)
                 self._lru_add_locked(bo)
                 self._cond.notify_all()
 

@@ -7,6 +7,6 @@ compute API's errors into gpubo errors; nothing above it sees them. OpenCL
 the same methods.
 """
 
-from gpubo.backends.opencl import OpenCLBackend, describe_platforms
+from gpubo.backends.opencl import OpenCLBackend, describe_platforms, readonly_args
 
-__all__ = ["OpenCLBackend", "describe_platforms"]
+__all__ = ["OpenCLBackend", "describe_platforms", "readonly_args"]

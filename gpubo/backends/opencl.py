@@ -20,7 +20,7 @@ import pyopencl as cl
 
 from gpubo._errors import DeviceError, GpuboError, OutOfDeviceMemory
 
-__all__ = ["OpenCLBackend", "describe_platforms"]
+__all__ = ["OpenCLBackend", "describe_platforms", "readonly_args"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ _OOM_CODES = frozenset(
 )
 _POCL_PLATFORM = "Portable Computing Language"
 _ZERO_BYTE = np.zeros(1, np.uint8)
+_CONST = int(cl.kernel_arg_type_qualifier.CONST)
 
 
 def is_oom(error: cl.Error) -> bool:
@@ -66,9 +67,17 @@ def _platforms() -> list[cl.Platform]:
         ) from e
 
 
-def _pick_device() -> cl.Device:
-    """A GPU if there is one (the one with most memory), else any device."""
+def _pick_device(spec: str | None = None) -> cl.Device:
+    """A GPU if there is one (the one with most memory), else any device.
+
+    ``spec`` (from ``GPUBO_DEVICE``) narrows the choice: ``"gpu"``, ``"cpu"``
+    or ``"accelerator"``; ``"P:D"`` (platform and device indices, as ``gpubo
+    info`` lists them); or a case-insensitive part of the device or platform
+    name.
+    """
     platforms = _platforms()
+    if spec:
+        return _match_device(platforms, spec.strip())
     gpus = [d for p in platforms for d in _devices(p, cl.device_type.GPU)]
     if gpus:
         return max(gpus, key=lambda d: d.global_mem_size)
@@ -81,6 +90,41 @@ def _pick_device() -> cl.Device:
 def _type_name(device_type: int) -> str:
     names = [n for n in ("CPU", "GPU", "ACCELERATOR", "CUSTOM") if device_type & getattr(cl.device_type, n)]
     return " | ".join(names) or str(device_type)
+
+
+def _match_device(platforms: list[cl.Platform], spec: str) -> cl.Device:
+    kinds = {"gpu": cl.device_type.GPU, "cpu": cl.device_type.CPU, "accelerator": cl.device_type.ACCELERATOR}
+    everything = [(p, d) for p in platforms for d in _devices(p, cl.device_type.ALL)]
+    found: list[cl.Device] = []
+    if spec.lower() in kinds:
+        found = [d for p in platforms for d in _devices(p, kinds[spec.lower()])]
+    elif ":" in spec and all(part.strip().isdigit() for part in spec.split(":", 1)):
+        pi, di = (int(part) for part in spec.split(":", 1))
+        devices = _devices(platforms[pi], cl.device_type.ALL) if pi < len(platforms) else []
+        found = devices[di : di + 1]
+    else:
+        needle = spec.lower()
+        found = [d for p, d in everything if needle in d.name.lower() or needle in p.name.lower()]
+    if not found:
+        names = ", ".join(f"{p.name}: {d.name.strip()}" for p, d in everything) or "none"
+        raise DeviceError(f"device {spec!r} matches no OpenCL device (devices: {names})")
+    return max(found, key=lambda d: d.global_mem_size)
+
+
+def readonly_args(kernel: cl.Kernel) -> frozenset[int]:
+    """Indices of ``kernel``'s ``const __global`` arguments (the kernel cannot
+    write through them); empty when the program was built without
+    ``-cl-kernel-arg-info`` and the driver keeps no argument info."""
+    out = set()
+    try:
+        for index in range(kernel.num_args):
+            address = kernel.get_arg_info(index, cl.kernel_arg_info.ADDRESS_QUALIFIER)
+            qualifier: Any = kernel.get_arg_info(index, cl.kernel_arg_info.TYPE_QUALIFIER)
+            if address == cl.kernel_arg_address_qualifier.GLOBAL and int(qualifier) & _CONST:
+                out.add(index)
+    except cl.Error:
+        return frozenset()
+    return frozenset(out)
 
 
 def describe_platforms() -> list[dict[str, Any]]:
@@ -118,10 +162,10 @@ class OpenCLBackend:
         docstring.
     """
 
-    def __init__(self, device: cl.Device | cl.Context | None = None) -> None:
+    def __init__(self, device: cl.Device | cl.Context | str | None = None) -> None:
         try:
-            if device is None:
-                dev = _pick_device()
+            if device is None or isinstance(device, str):
+                dev = _pick_device(device)
                 ctx = cl.Context([dev])
             elif isinstance(device, cl.Context):
                 ctx = device
@@ -131,7 +175,7 @@ class OpenCLBackend:
                 ctx = cl.Context([dev])
             else:
                 raise TypeError(
-                    f"device must be None, a pyopencl.Device or a pyopencl.Context, "
+                    f"device must be None, a pyopencl.Device, a pyopencl.Context or a str, "
                     f"got {type(device).__name__}"
                 )
             queue = cl.CommandQueue(ctx, dev)
