@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -269,6 +270,10 @@ class BufferObject:
             StoreError: the store failed; the old record stands.
         """
         self.manager._bo_sync(self)
+
+    def prefetch(self) -> Future[None]:
+        """Start restoring the BO in the background (see :meth:`Manager.prefetch`)."""
+        return self.manager.prefetch([self])[0]
 
     def free(self) -> None:
         """Give back the BO's device memory and store space. Idempotent.

@@ -35,6 +35,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,6 +296,7 @@ class Manager:
         self._shrinkers: list[Shrinker] = [PoolShrinker(self), DeviceShrinker(self), StoreCacheShrinker(self)]
         self._shrink_ctx = threading.local()  # may_block of the shrink running in this thread
         self._monitor: PressureMonitor | None = None
+        self._prefetcher: ThreadPoolExecutor | None = None  # created on first prefetch; guarded by _lock
         if pressure is not None and pressure is not False:
             self.watch_pressure(None if pressure is True else pressure)
         log.info(
@@ -455,6 +457,38 @@ class Manager:
             for bo in pinned:
                 self._bo_unpin(bo)
         return event
+
+    def prefetch(self, bos: Sequence[BufferObject]) -> list[Future[None]]:
+        """Start restoring ``bos`` in the background and return at once.
+
+        Restores run on one worker thread, in order, so they overlap kernels
+        and host work; a later use of a BO waits only for what is still in
+        flight. Each future completes when its BO is resident (or holds the
+        error; a failed prefetch is also logged, and the BO's next use tries
+        again and raises).
+
+        Raises:
+            TypeError, ValueError: an item is not a BO of this manager.
+            ManagerClosed: the manager was closed.
+        """
+        items = list(bos)
+        for index, bo in enumerate(items):
+            if not isinstance(bo, BufferObject) or bo.manager is not self:
+                raise ValueError(f"bos[{index}] is not a buffer object of this manager: {bo!r}")
+        with self._lock:
+            self._check_open_locked()
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubo-prefetch")
+            pool = self._prefetcher
+        return [pool.submit(self._prefetch_one, bo) for bo in items]
+
+    def _prefetch_one(self, bo: BufferObject) -> None:
+        try:
+            if bo.state is State.SWAPPED:
+                self._bo_restore(bo)
+        except GpuboError as e:
+            log.info("prefetch of %s failed (its next use will retry): %s", bo.label(), e)
+            raise
 
     def _launch_arg_bo(self, index: int, arg: Any) -> BufferObject | None:
         """The BO behind a launch argument, if any (validated)."""
@@ -775,6 +809,8 @@ class Manager:
             live = list(self._bos.values())
         if self._monitor is not None:
             self._monitor.stop()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
         with self._room_lock:
             for bo in live:
                 try:
