@@ -121,18 +121,13 @@ class LmdbStore(SwapStore):
 
     def _reclaim(self, keep: dict[int, Entry]) -> int:
         env = self._require_env()
-        dropped = 0
         with env.begin(write=True, db=self._data_db) as txn:
-            cursor = txn.cursor()
-            ok = cursor.first()
-            while ok:
-                key, _ = _KEY.unpack(cursor.key())
-                if key in keep:
-                    ok = cursor.next()
-                else:
-                    dropped += len(cursor.value())
-                    ok = cursor.delete()
-        return dropped
+            orphans = [
+                (bytes(key), len(value)) for key, value in txn.cursor() if _KEY.unpack(key)[0] not in keep
+            ]
+            for key, _ in orphans:
+                txn.delete(key)
+        return sum(n for _, n in orphans)
 
     def _place(
         self, key: int, nbytes: int, plans: list[ChunkPlan]

@@ -19,6 +19,7 @@ when the store is opened.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -97,6 +98,9 @@ class SlotFileStore(SwapStore):
         return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
 
     def _open_env(self, size_bytes: int) -> lmdb.Environment:
+        # The slot file comes first, so that a store directory with metadata
+        # always has one (and is recognised as a slot-file store).
+        self._create_slot_file(size_bytes)
         # Metadata only: records are small (a checksum per MiB, a few extents).
         return lmdb.open(
             self.path,
@@ -108,30 +112,42 @@ class SlotFileStore(SwapStore):
             mode=0o600,
         )
 
+    def _create_slot_file(self, size_bytes: int) -> None:
+        """Create ``slots.bin`` at its full size, atomically: it is preallocated
+        under a temporary name and renamed, so a crash never leaves a short one."""
+        path = os.path.join(self.path, _SLOTS_NAME)
+        if os.path.exists(path) or os.path.exists(os.path.join(self.path, "data.mdb")):
+            return  # an existing store: the format check says what it is
+        tmp = path + ".tmp"
+        nbytes = size_bytes // PAGE_BYTES * PAGE_BYTES
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # never leave a half-made slot file behind
+            raise StoreError(f"cannot create the slot file {path!r} ({nbytes} bytes): {e}") from e
+
     def _open_data(self, size_bytes: int) -> None:
         path = os.path.join(self.path, _SLOTS_NAME)
         self._fd = -1
         self._direct_fd = -1
         self._mmap: mmap.mmap | None = None
         try:
-            if os.path.exists(path):
-                self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                self.size_bytes = os.fstat(self._fd).st_size // PAGE_BYTES * PAGE_BYTES
-                if self.size_bytes != size_bytes // PAGE_BYTES * PAGE_BYTES:
-                    log.info("store %s keeps its size %d (asked %d)", self.path, self.size_bytes, size_bytes)
-            else:
-                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                self.size_bytes = size_bytes // PAGE_BYTES * PAGE_BYTES
-                try:
-                    os.posix_fallocate(self._fd, 0, self.size_bytes)
-                except OSError:
-                    os.close(self._fd)
-                    self._fd = -1
-                    os.unlink(path)  # never leave a half-made slot file behind
-                    raise
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.size_bytes = os.fstat(self._fd).st_size // PAGE_BYTES * PAGE_BYTES
+            if self.size_bytes != size_bytes // PAGE_BYTES * PAGE_BYTES:
+                log.info("store %s keeps its size %d (asked %d)", self.path, self.size_bytes, size_bytes)
+            if self.size_bytes < PAGE_BYTES:
+                raise StoreError(f"the slot file {path!r} is empty or truncated ({self.size_bytes} bytes)")
             self._mmap = mmap.mmap(self._fd, self.size_bytes)
         except OSError as e:
-            raise StoreError(f"cannot create or map the slot file {path!r} ({size_bytes} bytes): {e}") from e
+            raise StoreError(f"cannot open or map the slot file {path!r}: {e}") from e
         self._slots = np.frombuffer(self._mmap, np.uint8)
         self._view = memoryview(self._mmap)
         self._alloc = SlotAllocator(self.size_bytes // PAGE_BYTES)

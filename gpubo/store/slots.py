@@ -69,9 +69,13 @@ class SlotAllocator:
             ValueError: an extent is out of range or not allocated (a double
                 free); nothing is changed then.
         """
-        for start, n in extents:
+        end = -1
+        for start, n in sorted(extents):
             if start < 0 or n <= 0 or start + n > self.nslots or not self._used[start : start + n].all():
                 raise ValueError(f"extent ({start}, {n}) is not allocated")
+            if start < end:
+                raise ValueError(f"extent ({start}, {n}) overlaps another in the same call")
+            end = start + n
         for start, n in extents:
             self._used[start : start + n] = False
             self.free_slots += n
