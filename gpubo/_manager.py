@@ -112,7 +112,9 @@ def _from_environment(budget: Any, store: Any, device: Any) -> tuple[Any, Any, A
     GPUBO_DEVICE (the constructor's arguments win)."""
     if budget is None:
         budget = os.environ.get("GPUBO_BUDGET") or "256MiB"
-    if store is None:
+    if store is False:  # explicitly private, whatever the environment says
+        store = None
+    elif store is None:
         store = os.environ.get("GPUBO_STORE") or None
     if device is None:
         device = os.environ.get("GPUBO_DEVICE") or None
@@ -128,6 +130,22 @@ def _kernel_arg(arg: Any) -> Any:
     if isinstance(arg, cl_array.Array):
         return arg.base_data
     return arg
+
+
+#: LMDB's largest key: a BO's name is its record's key in the store.
+_MAX_NAME_BYTES = 511
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError as e:
+        raise ValueError(f"name must be encodable as UTF-8: {e}") from None
+    if not 0 < size <= _MAX_NAME_BYTES:
+        raise ValueError(f"name must be 1 to {_MAX_NAME_BYTES} bytes of UTF-8, got {size}")
+    return name
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -190,7 +208,8 @@ class Manager:
         budget: device bytes the manager may use (int or ``"256MiB"``);
             None: ``$GPUBO_BUDGET``, else 256 MiB.
         store: None for ``$GPUBO_STORE`` if set, else a private temporary
-            store deleted on close; the path
+            store deleted on close (False: that private store whatever
+            ``$GPUBO_STORE`` says); the path
             of a store directory (created if missing), or a
             :class:`~gpubo.store.SwapStore` (then ``store_size``,
             ``store_backend``, ``durability`` and ``checksums`` are its own,
@@ -228,7 +247,7 @@ class Manager:
     def __init__(
         self,
         budget: int | str | None = None,
-        store: str | os.PathLike[str] | SwapStore | None = None,
+        store: str | os.PathLike[str] | SwapStore | bool | None = None,
         store_size: int | str = "2GiB",
         device: cl.Device | cl.Context | str | None = None,
         *,
@@ -292,6 +311,8 @@ class Manager:
         self._purgeable_resident = 0  # resident, unpinned, purgeable BOs (a fast path hint)
         self._groups: dict[str, Group] = {}
         self._pinned_bufs: dict[int, BufferObject] = {}  # cl_mem handle -> pinned BO
+        self._launch_pinned_bytes = 0  # pins held by launches in progress (brief)
+        self._launch_ctx = threading.local()  # .pinned: bytes this thread's launch pins
         # Shrinkers run in this order by shrink(); the registry is guarded by _lock.
         self._shrinkers: list[Shrinker] = [PoolShrinker(self), DeviceShrinker(self), StoreCacheShrinker(self)]
         self._shrink_ctx = threading.local()  # may_block of the shrink running in this thread
@@ -337,8 +358,8 @@ class Manager:
             ManagerClosed: the manager was closed.
         """
         nbytes = _check_int(nbytes, "nbytes", 1)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+        if name is not None:
+            _check_name(name)
         priority = _check_int(priority, "priority", 0)
         if priority >= NUM_PRIORITIES:
             raise ValueError(f"priority must be in 0..{NUM_PRIORITIES - 1}, got {priority}")
@@ -447,6 +468,9 @@ class Manager:
                 for bo in sorted(bos.values(), key=lambda b: b.id):
                     self._bo_pin(bo, dirty=bo.id in writes)
                     pinned.append(bo)
+                    with self._lock:
+                        self._launch_pinned_bytes += bo.nbytes
+                    self._launch_ctx.pinned = getattr(self._launch_ctx, "pinned", 0) + bo.nbytes
             cl_args = [_kernel_arg(arg) for arg in args]
             event = self.backend.launch(kernel, global_size, local_size, cl_args, wait_for)
             with self._lock:
@@ -456,6 +480,12 @@ class Manager:
         finally:
             for bo in pinned:
                 self._bo_unpin(bo)
+            if pinned:
+                released = sum(bo.nbytes for bo in pinned)
+                with self._lock:
+                    self._launch_pinned_bytes -= released
+                    self._cond.notify_all()
+                self._launch_ctx.pinned -= released
         return event
 
     def prefetch(self, bos: Sequence[BufferObject]) -> list[Future[None]]:
@@ -547,8 +577,7 @@ class Manager:
             StoreFull: the store cannot back one more live BO.
             ManagerClosed: the manager was closed.
         """
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        _check_name(name)
         priority = _check_int(priority, "priority", 0)
         if priority >= NUM_PRIORITIES:
             raise ValueError(f"priority must be in 0..{NUM_PRIORITIES - 1}, got {priority}")
@@ -1348,7 +1377,10 @@ class Manager:
         from everyone, sparing groups within their protections.
         """
         with self._lock:
-            if nbytes > self.budget - self._pinned_bytes:  # evicting could not help
+            # Other threads' launches pin their arguments only while enqueuing:
+            # wait for those rather than fail.
+            lasting = self._pinned_bytes - self._others_launch_pins_locked()
+            if nbytes > self.budget - lasting:  # evicting could not help
                 raise OutOfDeviceMemory(
                     f"cannot make room for {format_bytes(nbytes)}: {format_bytes(self._pinned_bytes)} "
                     f"of the {format_bytes(self.budget)} budget is pinned",
@@ -1462,7 +1494,11 @@ class Manager:
                     return bo, False
                 contended = True
         in_flight = self._charged_bytes - self._resident_bytes - self._pooled_bytes
-        return None, contended or in_flight > 0
+        return None, contended or in_flight > 0 or self._others_launch_pins_locked() > 0
+
+    def _others_launch_pins_locked(self) -> int:
+        """Bytes pinned by other threads' launches in progress."""
+        return self._launch_pinned_bytes - getattr(self._launch_ctx, "pinned", 0)
 
     def _shrink_device(self, nbytes: int, may_block: bool) -> int:
         """The device shrinker's walk: free up to ``nbytes`` of device memory
