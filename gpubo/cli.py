@@ -1,42 +1,53 @@
-"""The ``gpubo`` command line: ``gpubo info`` and ``gpubo stress``.
+"""The ``gpubo`` command line: ``gpubo info``, ``gpubo stress`` and ``gpubo selftest``.
 
 The CLI owns the terminal: everything here that talks to the user goes
-through ``click.echo``; the library below it only logs.
+through ``click.echo`` (live progress goes to stderr, and only on a
+terminal); the engine in :mod:`gpubo.stress` and the library below it only
+log. This module turns options into a :class:`gpubo.stress.StressConfig`
+and reports (:class:`gpubo.stress.StressReport`) into lines, tables, JSON
+and a plot.
 
-``gpubo stress`` is split in two so it can grow (more workloads, threads,
-processes, plots) without touching the terminal code:
-
-* the engine (:class:`StressConfig`, :class:`PatternSet`, :class:`StressRun`)
-  drives a :class:`gpubo.Manager`, keeps a model of what every BO must hold and
-  returns a :class:`StressReport`; it never prints, it calls ``on_progress``;
-* the presentation (``_stress_*`` functions) turns reports into lines, tables
-  and JSON.
-
-Exit codes: 0 every check passed; 1 a data check failed (a mismatch or a
-store checksum error); 2 bad usage (click); 3 gpubo or the device failed
-(no device, store error, out of memory); 130 interrupted.
+Exit codes: 0 every check passed; 1 a check failed (a data mismatch, a
+store checksum error, the budget exceeded, device or store bytes left after
+freeing everything, a failed selftest check); 2 bad usage (click); 3 gpubo
+or the device failed (no device, store error, out of memory); 130
+interrupted.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import contextlib
+import itertools
 import json
 import logging
-import random
+import os
 import secrets
+import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
-import numpy as np
-import numpy.typing as npt
 import pyopencl as cl
 
 import gpubo
-from gpubo import BufferObject, GpuboError, IntegrityError, Manager, State, format_bytes, parse_bytes
+from gpubo import GpuboError, format_bytes, parse_bytes
 from gpubo.backends import OpenCLBackend, describe_platforms
+from gpubo.store import FsckReport, SwapStore, open_existing
+from gpubo.stress import (
+    MAX_MULTI,
+    SELFTEST_CHECKS,
+    CheckResult,
+    Sample,
+    StressConfig,
+    StressReport,
+    run_selftest,
+    run_stress,
+)
 
 __all__ = ["main"]
 
@@ -45,9 +56,9 @@ EXIT_CHECK_FAILED = 1
 EXIT_ERROR = 3
 EXIT_INTERRUPTED = 130
 
-#: How many mismatches are reported in detail (all are counted).
-_MAX_REPORTED_MISMATCHES = 10
-_MIN_STORE_BYTES = 64 << 20
+KiB = 1 << 10
+MiB = 1 << 20
+_MIN_STORE_BYTES = 64 * MiB
 
 
 # -- shared helpers -------------------------------------------------------------
@@ -131,7 +142,7 @@ def _default_device() -> dict[str, Any]:
     Raises:
         DeviceError: no device can be opened.
     """
-    backend = OpenCLBackend(None)
+    backend = OpenCLBackend(os.environ.get("GPUBO_DEVICE") or None)
     return {
         "name": backend.name,
         "platform": backend.device.platform.name,
@@ -209,375 +220,308 @@ def info(as_json: bool) -> None:
         click.get_current_context().exit(EXIT_ERROR)
 
 
-# -- gpubo stress: the engine (no terminal output) -----------------------------------
+# -- gpubo stress: options to a config ------------------------------------------------
 
-_ADD_KERNEL_SOURCE = """
-__kernel void add_const(__global uint *words, const uint value)
-{
-    words[get_global_id(0)] += value;
-}
-"""
+_DEFAULT_SIZE = 4 * MiB
+_DEFAULT_MIN_SIZE = 4 * KiB
+_DEFAULT_MAX_SIZE = 16 * MiB
+_OVERSUBSCRIBE = 1.5
+_HEAVY_OVERSUBSCRIBE = 3.0
 
 
-@dataclass(frozen=True)
-class StressConfig:
-    """What a stress run does; sizes are int bytes.
+_store_backend_option = click.option(
+    "--store-backend",
+    type=click.Choice(["lmdb", "slotfile"]),
+    default=None,
+    help="Swap-slot store backend [default: lmdb, or the existing store's].",
+)
+_durability_option = click.option(
+    "--durability",
+    type=click.Choice(["lazy", "sync", "direct"]),
+    default=None,
+    help="When evicted bytes reach the disk [default: lazy; direct needs slotfile].",
+)
 
-    The run stops after ``loops`` operations if given, else after ``seconds``.
-    Every ``kernel_every``-th operation (0: never) also adds a constant to a
-    random BO with an OpenCL kernel launched through :meth:`Manager.launch`.
+
+def _manager_options(**options: Any) -> dict[str, Any]:
+    """Manager keyword arguments chosen on the command line; unset (None) ones are dropped.
+
+    This is the one place where ``gpubo stress`` and ``gpubo selftest`` turn
+    options into Manager settings: a new Manager or store option (a store
+    backend, a durability mode) is a click option plus one keyword here,
+    e.g. ``_manager_options(store_backend=store_backend)``. The engine hands
+    the result to every Manager it opens (:func:`gpubo.stress.manager_kwargs`).
     """
-
-    budget_bytes: int
-    total_bytes: int
-    bo_nbytes: int
-    seconds: float
-    loops: int | None
-    seed: int
-    store: str | None
-    store_size_bytes: int
-    kernel_every: int = 16
-    progress_s: float = 1.0
-
-    @property
-    def bo_count(self) -> int:
-        return self.total_bytes // self.bo_nbytes
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """A BO whose bytes differ from the model: the first bad 32-bit word."""
-
-    bo: str
-    offset: int  #: byte offset of the first bad word
-    expected: int
-    found: int
-    bad_words: int  #: how many words of the BO were wrong
-    operation: int
-
-
-@dataclass
-class StressReport:
-    """What a stress run did and found. ``stats`` is ``Manager.stats()`` at the end."""
-
-    config: StressConfig
-    device: str = ""
-    setup_s: float = 0.0
-    run_s: float = 0.0
-    operations: int = 0
-    verified_bytes: int = 0
-    written_bytes: int = 0
-    kernels: int = 0
-    restoring_reads: int = 0
-    restore_latency_p50_ms: float = 0.0
-    restore_latency_p99_ms: float = 0.0
-    run_evictions: int = 0
-    run_restores: int = 0
-    run_bytes_evicted: int = 0
-    run_bytes_restored: int = 0
-    mismatch_count: int = 0
-    mismatches: list[Mismatch] = field(default_factory=list)
-    error: str | None = None
-    check_failed: bool = False
-    interrupted: bool = False
-    stats: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.mismatch_count or self.error or self.check_failed or self.interrupted)
-
-    @property
-    def swap_gbps(self) -> float:
-        """Bytes evicted plus restored per second during the timed phase."""
-        return _gbps(self.run_bytes_evicted + self.run_bytes_restored, self.run_s)
-
-    @property
-    def verify_gbps(self) -> float:
-        return _gbps(self.verified_bytes, self.run_s)
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.update(ok=self.ok, swap_gbps=self.swap_gbps, verify_gbps=self.verify_gbps)
-        return out
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A live snapshot handed to ``on_progress``."""
-
-    elapsed_s: float
-    operations: int
-    mismatch_count: int
-    stats: gpubo.Stats
-
-
-class PatternSet:
-    """The BOs of a run and the model of what each must hold.
-
-    BO ``i`` holds its seed pattern: 32-bit word ``j`` is ``(seeds[i] + j) mod
-    2**32``. Writing a new seed or adding a constant with a kernel changes the
-    model and the BO together; :meth:`verify` compares every byte.
-
-    Notes:
-        Not thread-safe: one thread drives a PatternSet (a parallel run would
-        give each thread its own set of BOs).
-    """
-
-    def __init__(self, mgr: Manager, bo_nbytes: int) -> None:
-        self.mgr = mgr
-        self.bo_nbytes = bo_nbytes
-        self.bos: list[BufferObject] = []
-        self.seeds: list[int] = []
-        words = bo_nbytes // 4
-        self._ramp = np.arange(words, dtype=np.uint32)
-        self._scratch = np.empty(words, dtype=np.uint32)
-        self._kernel = cl.Program(mgr.context, _ADD_KERNEL_SOURCE).build().add_const
-
-    def pattern(self, seed: int) -> npt.NDArray[np.uint32]:
-        """The expected words for ``seed`` (a scratch array, overwritten by the next call)."""
-        return np.add(self._ramp, np.uint32(seed), out=self._scratch)
-
-    def add(self, seed: int) -> None:
-        """Allocate one more BO and fill it with ``seed``'s pattern."""
-        bo = self.mgr.alloc(self.bo_nbytes, name=f"stress{len(self.bos)}")
-        self.bos.append(bo)
-        self.seeds.append(seed)
-        bo.write(self.pattern(seed))
-
-    def rewrite(self, index: int, seed: int) -> None:
-        """Overwrite BO ``index`` with ``seed``'s pattern (no restore needed)."""
-        self.bos[index].write(self.pattern(seed))
-        self.seeds[index] = seed
-
-    def add_with_kernel(self, index: int, value: int) -> None:
-        """Add ``value`` to every word of BO ``index`` on the device (asynchronous)."""
-        words = self.bo_nbytes // 4
-        self.mgr.launch(self._kernel, (words,), None, self.bos[index], np.uint32(value))
-        self.seeds[index] = (self.seeds[index] + value) % 2**32
-
-    def verify(self, index: int, operation: int) -> Mismatch | None:
-        """Read BO ``index`` (restoring it if needed) and compare every byte with the model."""
-        found = self.bos[index].read(np.uint32)
-        expected = self.pattern(self.seeds[index])
-        if np.array_equal(found, expected):
-            return None
-        bad = np.flatnonzero(found != expected)
-        first = int(bad[0])
-        return Mismatch(
-            bo=self.bos[index].label(),
-            offset=first * 4,
-            expected=int(expected[first]),
-            found=int(found[first]),
-            bad_words=len(bad),
-            operation=operation,
-        )
-
-    def resync(self, index: int) -> None:
-        """Rewrite BO ``index`` with its model pattern, so one corruption is reported once."""
-        self.bos[index].write(self.pattern(self.seeds[index]))
-
-
-class StressRun:
-    """Drives one stress run: set up the BOs, then random operations until done.
-
-    One operation: verify a random BO (every byte), rewrite a random BO with a
-    new seed, and every ``kernel_every``-th time add a random constant to a
-    random BO with a kernel. All random choices come from ``config.seed``, so
-    the same seed replays the same sequence.
-    """
-
-    def __init__(self, mgr: Manager, config: StressConfig, on_progress: Callable[[Progress], None]) -> None:
-        self.mgr = mgr
-        self.config = config
-        self.on_progress = on_progress
-        self.rng = random.Random(config.seed)
-        self.report = StressReport(config=config, device=mgr.backend.name)
-        self.patterns = PatternSet(mgr, config.bo_nbytes)
-        self._restore_ms: list[float] = []
-
-    def setup(self) -> None:
-        """Allocate and fill every BO (more than the budget: this already evicts)."""
-        start = time.perf_counter()
-        for _ in range(self.config.bo_count):
-            self.patterns.add(self._new_seed())
-        self.report.setup_s = time.perf_counter() - start
-
-    def run(self) -> StressReport:
-        """Run operations until the loop or time limit; return the report.
-
-        GpuboErrors stop the run and are recorded in the report (an
-        IntegrityError counts as a failed check); KeyboardInterrupt stops it
-        early.
-        """
-        before = self.mgr.stats()
-        start = time.monotonic()
-        deadline = start + self.config.seconds
-        next_progress = start + self.config.progress_s
-        try:
-            while not self._done(deadline):
-                self.step()
-                now = time.monotonic()
-                if now >= next_progress:
-                    next_progress = now + self.config.progress_s
-                    self.on_progress(self._progress(now - start))
-        except IntegrityError as e:
-            self.report.error, self.report.check_failed = f"{type(e).__name__}: {e}", True
-        except GpuboError as e:
-            self.report.error = f"{type(e).__name__}: {e}"
-        except KeyboardInterrupt:
-            self.report.interrupted = True
-        self.report.run_s = time.monotonic() - start
-        self._finish(before)
-        return self.report
-
-    def step(self) -> None:
-        """One operation (see the class docstring)."""
-        rng, patterns, n = self.rng, self.patterns, self.config.bo_count
-        op = self.report.operations
-        self._verify(rng.randrange(n), op)
-        every = self.config.kernel_every
-        if every and op % every == every - 1:
-            patterns.add_with_kernel(rng.randrange(n), rng.randrange(1, 2**32))
-            self.report.kernels += 1
-        else:
-            patterns.rewrite(rng.randrange(n), self._new_seed())
-            self.report.written_bytes += self.config.bo_nbytes
-        self.report.operations += 1
-
-    def _verify(self, index: int, op: int) -> None:
-        needs_restore = self.patterns.bos[index].state is State.SWAPPED
-        start = time.perf_counter()
-        mismatch = self.patterns.verify(index, op)
-        if needs_restore:
-            self._restore_ms.append((time.perf_counter() - start) * 1e3)
-        self.report.verified_bytes += self.config.bo_nbytes
-        if mismatch is not None:
-            self.report.mismatch_count += 1
-            if len(self.report.mismatches) < _MAX_REPORTED_MISMATCHES:
-                self.report.mismatches.append(mismatch)
-            self.patterns.resync(index)
-
-    def _done(self, deadline: float) -> bool:
-        if self.config.loops is not None:
-            return self.report.operations >= self.config.loops
-        return time.monotonic() >= deadline
-
-    def _new_seed(self) -> int:
-        return self.rng.randrange(2**32)
-
-    def _progress(self, elapsed_s: float) -> Progress:
-        return Progress(elapsed_s, self.report.operations, self.report.mismatch_count, self.mgr.stats())
-
-    def _finish(self, before: gpubo.Stats) -> None:
-        after = self.mgr.stats()
-        r = self.report
-        r.run_evictions = after.evictions - before.evictions
-        r.run_restores = after.restores - before.restores
-        r.run_bytes_evicted = after.bytes_evicted - before.bytes_evicted
-        r.run_bytes_restored = after.bytes_restored - before.bytes_restored
-        r.stats = dataclasses.asdict(after)
-        r.restoring_reads = len(self._restore_ms)
-        if self._restore_ms:
-            r.restore_latency_p50_ms = float(np.percentile(self._restore_ms, 50))
-            r.restore_latency_p99_ms = float(np.percentile(self._restore_ms, 99))
-
-
-def run_stress(config: StressConfig, on_progress: Callable[[Progress], None]) -> StressReport:
-    """Open a manager for ``config``, run the stress workload, close it.
-
-    Raises:
-        GpuboError: the manager could not be opened or the setup failed
-            (errors during the timed phase are recorded in the report).
-    """
-    with Manager(config.budget_bytes, store=config.store, store_size=config.store_size_bytes) as mgr:
-        run = StressRun(mgr, config, on_progress)
-        run.setup()
-        return run.run()
-
-
-# -- gpubo stress: the terminal ----------------------------------------------------
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _stress_config(
+    *,
     budget: int,
-    total: int,
-    size: int,
+    total: int | None,
+    oversubscribe: float | None,
+    heavy: bool,
+    size: int | None,
+    random_sizes: bool,
+    min_size: int | None,
+    max_size: int | None,
+    count: int | None,
     seconds: float,
     loops: int | None,
     seed: int | None,
     store: str | None,
     store_size: int | None,
+    verify: bool,
+    multi: bool,
     kernel_every: int,
+    parallel: int,
+    processes: int,
+    host_pressure: bool,
+    host_pressure_fraction: float,
+    manager_options: dict[str, Any],
 ) -> StressConfig:
     """Check the options against each other and build the config.
 
     Raises:
-        click.BadParameter: options that cannot work together.
+        click.BadParameter, click.UsageError: options that cannot work together.
     """
-    if size > budget:
-        raise click.BadParameter(
-            f"{format_bytes(size)} BOs do not fit the budget of {format_bytes(budget)}", param_hint="'--size'"
+    working_set = [name for name, v in (("--total", total), ("--oversubscribe", oversubscribe)) if v]
+    if heavy:
+        working_set.append("--heavy")
+    if count is not None:
+        working_set.append("--count")
+    if len(working_set) > 1:
+        raise click.UsageError(
+            f"{' and '.join(working_set)} all set how many BOs to make; give one of them "
+            "(--heavy is --oversubscribe 3)"
         )
-    if total < size:
+    if random_sizes:
+        if size is not None:
+            raise click.BadParameter(
+                "--size gives every BO one size; --random draws sizes from --min-size..--max-size",
+                param_hint="'--size'",
+            )
+        lo = _DEFAULT_MIN_SIZE if min_size is None else min_size
+        hi = _DEFAULT_MAX_SIZE if max_size is None else max_size
+        if lo > hi:
+            raise click.BadParameter(
+                f"{format_bytes(lo)} is more than --max-size {format_bytes(hi)}", param_hint="'--min-size'"
+            )
+    else:
+        if min_size is not None or max_size is not None:
+            raise click.UsageError("--min-size and --max-size go with --random")
+        lo = hi = _DEFAULT_SIZE if size is None else size
+    per_process = budget // processes
+    if hi > per_process:
+        what = f"{format_bytes(hi)} BOs" if lo == hi else f"BOs of up to {format_bytes(hi)}"
+        share = f" ({format_bytes(per_process)} per process)" if processes > 1 else ""
         raise click.BadParameter(
-            f"{format_bytes(total)} is less than one BO of {format_bytes(size)}", param_hint="'--total'"
+            f"{what} do not fit the budget of {format_bytes(budget)}{share}",
+            param_hint="'--max-size'" if random_sizes else "'--size'",
         )
+    if count is not None:
+        total = count * (lo + hi) // 2
+        most = count * hi
+    else:
+        if total is None:
+            factor = oversubscribe or (_HEAVY_OVERSUBSCRIBE if heavy else _OVERSUBSCRIBE)
+            total = int(budget * factor)
+        if total < lo:
+            raise click.BadParameter(
+                f"{format_bytes(total)} is less than one BO of {format_bytes(lo)}", param_hint="'--total'"
+            )
+        most = total + hi * parallel * processes  # random sizes may overshoot by one BO per worker
     if store_size is None:
-        store_size = max(2 * total, _MIN_STORE_BYTES)
-    return StressConfig(
+        store_size = processes * max(2 * most // processes + 2 * hi, _MIN_STORE_BYTES)
+    config = StressConfig(
         budget_bytes=budget,
         total_bytes=total,
-        bo_nbytes=size,
+        min_nbytes=lo,
+        max_nbytes=hi,
+        count=count,
         seconds=seconds,
         loops=loops,
         seed=secrets.randbits(32) if seed is None else seed,
         store=store,
         store_size_bytes=store_size,
+        verify=verify,
+        multi=multi,
         kernel_every=kernel_every,
+        threads=parallel,
+        processes=processes,
+        host_pressure=host_pressure_fraction if host_pressure else 0.0,
+        manager_options=manager_options,
     )
+    try:
+        config.check()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return config
+
+
+# -- gpubo stress: the terminal --------------------------------------------------------
+
+
+def _sizes_text(config: StressConfig) -> str:
+    if config.random_sizes:
+        return f"{format_bytes(config.min_nbytes)}..{format_bytes(config.max_nbytes)}"
+    return format_bytes(config.min_nbytes)
+
+
+def _shape_text(config: StressConfig) -> str:
+    parts = []
+    if config.processes > 1:
+        parts.append(f"{config.processes} processes")
+    if config.threads > 1:
+        parts.append(f"{config.threads} threads" + (" each" if config.processes > 1 else ""))
+    return " x ".join(parts) or "1 thread"
 
 
 def _stress_banner(config: StressConfig) -> str:
-    until = f"{config.loops} operations" if config.loops is not None else f"{config.seconds:g} s"
-    allocated = config.bo_count * config.bo_nbytes
-    return (
-        f"gpubo stress: seed {config.seed} (replay with --seed {config.seed})\n"
-        f"  {config.bo_count} BOs of {format_bytes(config.bo_nbytes)} = {format_bytes(allocated)} "
-        f"on a budget of {format_bytes(config.budget_bytes)} ({allocated / config.budget_bytes:.1f}x), "
-        f"store {format_bytes(config.store_size_bytes)}, until {until}"
-    )
+    c = config
+    until = f"{c.loops} operations per thread" if c.loops is not None else f"{c.seconds:g} s"
+    if c.count is not None:
+        bos = f"{c.count} BOs of {_sizes_text(c)}"
+    elif c.random_sizes:
+        bos = f"about {format_bytes(c.total_bytes)} of BOs of {_sizes_text(c)}"
+    else:
+        n = c.total_bytes // c.min_nbytes
+        bos = f"{n} BOs of {_sizes_text(c)} = {format_bytes(n * c.min_nbytes)}"
+    lines = [
+        f"gpubo stress: seed {c.seed} (replay with --seed {c.seed})",
+        f"  {bos} on a budget of {format_bytes(c.budget_bytes)} ({c.total_bytes / c.budget_bytes:.1f}x), "
+        f"{_shape_text(c)}, store {format_bytes(c.store_size_bytes)}",
+        f"  {'verifying every BO on every use' if c.verify else 'no checks on use'}"
+        f"{', kernel launches with several BOs' if c.multi else ''}, final sweep, until {until}",
+    ]
+    if c.host_pressure:
+        lines.append(
+            f"  host pressure: a child process holds up to {c.host_pressure:.0%} of available memory"
+        )
+    return "\n".join(lines)
 
 
-def _progress_line(p: Progress) -> str:
-    s = p.stats
-    return (
-        f"[{p.elapsed_s:6.1f}s] ops {p.operations:>7}  resident {format_bytes(s.resident_bytes)}"
-        f"/{format_bytes(s.budget)}  swapped {format_bytes(s.swapped_bytes)}  evictions {s.evictions}"
-        f"  restores {s.restores}  mismatches {p.mismatch_count}"
+def _progress_text(sample: Sample, window: Sequence[Sample], config: StressConfig) -> str:
+    """One status line: a bar, resident/budget, swapped, evictions/s and GB/s.
+
+    ``window`` holds earlier samples; rates are measured from the oldest.
+    """
+    if sample.phase == "setup":
+        fraction = 0.0
+    elif config.loops is not None:
+        fraction = sample.operations / (config.loops * config.workers)
+    else:
+        fraction = sample.run_s / config.seconds
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = round(fraction * 10)
+    bar = "[" + "#" * filled + "-" * (10 - filled) + "]"
+    status = f"{fraction:4.0%}" if sample.phase == "run" else sample.phase
+    first = window[0] if window else sample
+    dt = sample.elapsed_s - first.elapsed_s
+    evictions = (sample.evictions - first.evictions) / dt if dt > 0 else 0.0
+    moved = sample.bytes_evicted + sample.bytes_restored - first.bytes_evicted - first.bytes_restored
+    text = (
+        f"{bar} {status} resident {format_bytes(sample.resident_bytes)}/{format_bytes(sample.budget_bytes)}"
+        f" swapped {format_bytes(sample.swapped_bytes)} {evictions:.0f} evict/s"
+        f" {_gbps(moved, dt):.2f} GB/s ops {sample.operations}"
     )
+    if sample.mismatches:
+        text = f"MISMATCHES {sample.mismatches} " + text
+    return text
+
+
+class _ProgressLine:
+    """A live status line on stderr, redrawn in place with ``\\r``.
+
+    Draws only when ``enabled`` (a terminal, not ``--json``), at most every
+    0.2 s; rates cover about the last second.
+    """
+
+    def __init__(self, config: StressConfig, enabled: bool) -> None:
+        self.config = config
+        self.enabled = enabled
+        self._window: collections.deque[Sample] = collections.deque()
+        self._last_draw = 0.0
+        self._drawn = 0
+
+    def __call__(self, sample: Sample) -> None:
+        self._window.append(sample)
+        while len(self._window) > 1 and sample.elapsed_s - self._window[0].elapsed_s > 1.0:
+            self._window.popleft()
+        now = time.monotonic()
+        if not self.enabled or now - self._last_draw < 0.2:
+            return
+        self._last_draw = now
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        text = _progress_text(sample, self._window, self.config)[:width]
+        click.echo("\r" + text.ljust(self._drawn), err=True, nl=False)
+        self._drawn = len(text)
+
+    def close(self) -> None:
+        if self._drawn:
+            click.echo("\r" + " " * self._drawn + "\r", err=True, nl=False)
+            self._drawn = 0
+
+
+def _check_results(report: StressReport) -> list[tuple[str, bool, str]]:
+    """(check, passed, detail) for the summary and the exit code."""
+    r = report
+    checks = [
+        ("data", not r.mismatch_count and not r.check_failed, f"{r.mismatch_count} mismatches"),
+        ("final sweep", r.swept, f"{format_bytes(r.swept_bytes)} checked" if r.swept else "did not run"),
+        (
+            "budget",
+            not r.budget_violations,
+            f"exceeded in {r.budget_violations} of {len(r.timeline)} samples"
+            if r.budget_violations
+            else f"never exceeded ({len(r.timeline)} samples)",
+        ),
+        ("leaks", not r.leaks, "; ".join(r.leaks) or "none: device and store bytes back to zero"),
+    ]
+    return checks
 
 
 def _stress_summary(report: StressReport) -> str:
-    r = report
-    latency = f"p50 {r.restore_latency_p50_ms:.2f} ms, p99 {r.restore_latency_p99_ms:.2f} ms"
+    r, c = report, report.config
+    ratio = r.allocated_bytes / c.budget_bytes if c.budget_bytes else 0.0
+    latency = (
+        f"p50 {r.restore_latency_p50_ms:.2f} ms, p99 {r.restore_latency_p99_ms:.2f} ms "
+        f"({r.restoring_uses} uses needed a restore)"
+    )
     rows: list[list[object]] = [
-        ["device", r.device],
-        ["setup", f"{r.setup_s:.2f} s ({r.config.bo_count} BOs allocated and filled)"],
+        ["device", f"{r.device}, {_shape_text(c)}"],
+        [
+            "BOs",
+            f"{r.bo_count} of {_sizes_text(c)} = {format_bytes(r.allocated_bytes)} "
+            f"on a {format_bytes(c.budget_bytes)} budget ({ratio:.1f}x)",
+        ],
+        ["setup", f"{r.setup_s:.2f} s (BOs allocated and filled)"],
         ["run time", f"{r.run_s:.2f} s"],
-        ["operations", r.operations],
-        ["bytes verified", format_bytes(r.verified_bytes)],
+        ["operations", f"{r.operations} ({r.uses} BO uses)"],
+        ["kernel launches", f"{r.kernels} ({r.multi_launches} with several BOs)"],
         ["bytes rewritten", format_bytes(r.written_bytes)],
-        ["kernel launches", r.kernels],
-        ["evictions", f"{r.run_evictions} ({format_bytes(r.run_bytes_evicted)})"],
-        ["restores", f"{r.run_restores} ({format_bytes(r.run_bytes_restored)})"],
+        ["evicted", f"{r.run_evictions} BOs, {format_bytes(r.run_bytes_evicted)}"],
+        ["restored", f"{r.run_restores} BOs, {format_bytes(r.run_bytes_restored)}"],
         ["swap throughput", f"{r.swap_gbps:.2f} GB/s (evicted + restored)"],
-        ["verify throughput", f"{r.verify_gbps:.2f} GB/s"],
-        ["reads needing restore", f"{r.restoring_reads} ({latency})"],
+        ["restore latency", latency],
+        [
+            "verified",
+            f"{format_bytes(r.verified_bytes)} on use ({r.verify_gbps:.2f} GB/s), "
+            f"{format_bytes(r.swept_bytes)} in the final sweep",
+        ],
         ["mismatches", r.mismatch_count],
     ]
+    if c.host_pressure:
+        rows.append(["host pressure", f"a child process held up to {format_bytes(r.host_pressure_bytes)}"])
+    checks = _check_results(r)
+    for name, passed, detail in checks:
+        rows.append([f"check: {name}", f"{'OK' if passed else 'FAILED'} ({detail})"])
+    verdict = "PASS" if _exit_code(r) == EXIT_OK else "FAIL"
+    rows.append(["verify result", verdict])
     stats = [[name, _stat_value(name, value)] for name, value in r.stats.items()]
     summary = _table(["", ""], rows)
-    return f"\nSummary (timed phase):\n{summary}\n\nManager stats (whole run):\n{_table(['', ''], stats)}"
+    stats_title = "Manager stats (summed over processes)" if c.processes > 1 else "Manager stats"
+    return f"\nSummary (timed phase):\n{summary}\n\n{stats_title}, before freeing:\n{_table(['', ''], stats)}"
 
 
 def _stat_value(name: str, value: int) -> str:
@@ -590,25 +534,133 @@ def _stress_problems(report: StressReport) -> str:
     if report.mismatches:
         lines.append(f"MISMATCHES: {report.mismatch_count} (first {len(report.mismatches)} shown)")
         rows = [
-            [m.operation, m.bo, m.offset, f"0x{m.expected:08x}", f"0x{m.found:08x}", m.bad_words]
+            [
+                "sweep" if m.operation < 0 else m.operation,
+                m.bo,
+                m.offset,
+                f"0x{m.expected:08x}",
+                f"0x{m.found:08x}",
+                m.bad_words,
+            ]
             for m in report.mismatches
         ]
         lines.append(_table(["op", "BO", "offset", "expected", "found", "bad words"], rows))
     if report.error:
         lines.append(f"ERROR: {report.error}")
+    if report.budget_violations:
+        lines.append(f"BUDGET EXCEEDED in {report.budget_violations} samples")
+    for leak in report.leaks:
+        lines.append(f"LEAK: {leak}")
     if report.interrupted:
         lines.append("INTERRUPTED")
     return "\n".join(lines)
 
 
 def _exit_code(report: StressReport) -> int:
-    if report.mismatch_count or report.check_failed:
+    if report.mismatch_count or report.check_failed or report.budget_violations or report.leaks:
         return EXIT_CHECK_FAILED
     if report.error:
         return EXIT_ERROR
     if report.interrupted:
         return EXIT_INTERRUPTED
+    if not report.ok:
+        return EXIT_CHECK_FAILED
     return EXIT_OK
+
+
+# -- gpubo stress: the plot ------------------------------------------------------------
+
+
+def _require_matplotlib() -> None:
+    """Raise a usage error now, before the run, if ``--plot`` cannot work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise click.BadParameter(
+            "needs matplotlib, which is not installed: pip install 'gpubo[plot]'", param_hint="'--plot'"
+        ) from None
+
+
+def _write_plot(report: StressReport, path: str) -> None:
+    """Resident, pooled and swapped bytes, and evictions and restores per second, over time."""
+    from matplotlib.figure import Figure  # the optional extra; checked before the run
+
+    samples = report.timeline
+    c = report.config
+    t = [s.elapsed_s for s in samples]
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.stackplot(
+        t,
+        [s.resident_bytes / MiB for s in samples],
+        [s.pooled_bytes / MiB for s in samples],
+        labels=["resident", "pooled (kept for reuse)"],
+        colors=["tab:blue", "tab:cyan"],
+        alpha=0.8,
+    )
+    top.plot(t, [s.swapped_bytes / MiB for s in samples], color="tab:orange", label="swapped (in the store)")
+    top.axhline(c.budget_bytes / MiB, color="black", linestyle="--", linewidth=1, label="budget")
+    peak = max([c.budget_bytes] + [max(s.resident_bytes + s.pooled_bytes, s.swapped_bytes) for s in samples])
+    top.set_ylim(0, peak / MiB * 1.3)  # headroom for the legend
+    top.set_ylabel("MiB")
+    top.legend(loc="upper left", fontsize="small", ncol=4)
+    rates_t, evictions, restores = [], [], []
+    for a, b in itertools.pairwise(samples):
+        dt = b.elapsed_s - a.elapsed_s
+        if dt > 0:
+            rates_t.append(b.elapsed_s)
+            evictions.append((b.evictions - a.evictions) / dt)
+            restores.append((b.restores - a.restores) / dt)
+    bottom.step(rates_t, evictions, where="post", color="tab:red", label="evictions/s")
+    bottom.step(rates_t, restores, where="post", color="tab:green", label="restores/s")
+    bottom.set_ylabel("per second")
+    bottom.set_xlabel("seconds since start")
+    bottom.set_ylim(bottom=0)
+    bottom.legend(loc="lower right", fontsize="small", ncol=2)
+    for phase, label in (("run", "timed phase"), ("sweep", "final sweep")):
+        start = next((s.elapsed_s for s in samples if s.phase == phase), None)
+        if start is not None:
+            for ax in (top, bottom):
+                ax.axvline(start, color="gray", linestyle=":", linewidth=1)
+            bottom.annotate(
+                f" {label}", (start, 0.02), xycoords=("data", "axes fraction"), fontsize="small", color="gray"
+            )
+    fig.suptitle(
+        f"gpubo stress on {report.device}: {report.bo_count} BOs of {_sizes_text(c)} "
+        f"({format_bytes(report.allocated_bytes)}) on a {format_bytes(c.budget_bytes)} budget, "
+        f"{_shape_text(c)}, seed {c.seed}"
+    )
+    fig.savefig(path, dpi=100)
+
+
+# -- gpubo stress: the command ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops() -> Iterator[threading.Event]:
+    """While inside, the first Ctrl-C sets the event (the run stops cleanly between
+    operations, then sweeps, frees and reports); a second one raises KeyboardInterrupt.
+
+    A KeyboardInterrupt raised in the middle of a gpubo call could leave that
+    call half done; the event lets every call finish. Outside the main thread
+    (where signal handlers cannot be set) Ctrl-C keeps its usual meaning.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after the operations under way (Ctrl-C again to abort)", err=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @main.command()
@@ -622,86 +674,198 @@ def _exit_code(report: StressReport) -> int:
 @click.option(
     "--total",
     type=ByteSize(minimum=1),
-    default="256MiB",
-    show_default=True,
-    help="Bytes of BOs to allocate (more than --budget to oversubscribe).",
+    default=None,
+    help="Bytes of BOs to allocate [default: --oversubscribe x --budget].",
 )
+@click.option(
+    "--oversubscribe",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="FACTOR",
+    help=f"Allocate FACTOR x --budget of BOs [default: {_OVERSUBSCRIBE:g}].",
+)
+@click.option("--heavy", is_flag=True, help=f"Oversubscribe {_HEAVY_OVERSUBSCRIBE:g}x.")
 @click.option(
     "--size",
     type=ByteSize(minimum=4, multiple_of=4),
-    default="4MiB",
-    show_default=True,
-    help="Size of each BO (a multiple of 4 bytes).",
+    default=None,
+    help=f"Size of every BO, a multiple of 4 bytes [default: {format_bytes(_DEFAULT_SIZE)}].",
 )
+@click.option(
+    "--random", "random_sizes", is_flag=True, help="BOs of random sizes (see --min-size/--max-size)."
+)
+@click.option(
+    "--min-size",
+    type=ByteSize(minimum=4, multiple_of=4),
+    default=None,
+    help=f"Smallest BO with --random [default: {format_bytes(_DEFAULT_MIN_SIZE)}].",
+)
+@click.option(
+    "--max-size",
+    type=ByteSize(minimum=4, multiple_of=4),
+    default=None,
+    help=f"Largest BO with --random [default: {format_bytes(_DEFAULT_MAX_SIZE)}].",
+)
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Number of BOs (instead of --total).")
 @click.option(
     "--seconds",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
-    help="How long to run the random operations.",
+    help="How long the timed phase runs.",
 )
 @click.option(
     "--loops",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many operations instead of after --seconds.",
+    help="Stop after this many operations per thread instead of after --seconds.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check every word of a BO (word i == seed + i) on every use; the final sweep checks every BO.",
+)
+@click.option("--multi", is_flag=True, help=f"Kernel launches use up to {MAX_MULTI} BOs at once.")
+@click.option(
+    "--kernel-every",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Every Nth operation uses its BOs in a kernel launch, the others rewrite them (0: never).",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="N worker threads sharing one manager, each with its own BOs.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="N processes, each with its own manager and store; budget, BOs and store are split between them.",
+)
+@click.option(
+    "--host-pressure", is_flag=True, help="A child process holds host memory while the run goes on."
+)
+@click.option(
+    "--host-pressure-fraction",
+    type=click.FloatRange(min=0, max=0.75, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="How much of the available host memory --host-pressure takes (it never lets it fall below 1/8).",
 )
 @click.option(
     "--seed",
     type=click.IntRange(min=0),
     default=None,
-    help="Seed of every random choice (printed at start; the same seed replays the run).",
+    help="Seed of every random choice (printed at start; with --loops, replays a one-thread run).",
 )
 @click.option(
     "--store",
     type=click.Path(file_okay=False),
     default=None,
-    help="Store directory (default: a private temporary one).",
+    help="Store directory (default: a private temporary one; with --processes, one subdirectory each).",
 )
 @click.option(
     "--store-size",
     type=ByteSize(minimum=1),
     default=None,
-    help="Size of the store [default: max(2 x total, 64MiB)].",
+    help="Size of the store, split between processes [default: about 2 x the BOs, at least 64MiB].",
 )
+@_store_backend_option
+@_durability_option
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @click.option(
-    "--kernel-every",
-    type=click.IntRange(min=0),
-    default=16,
-    show_default=True,
-    help="Every Nth operation adds a constant to a BO with an OpenCL kernel (0: never).",
-)
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print only a JSON summary on stdout (progress goes to stderr)."
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    metavar="FILE.png",
+    help="Plot resident and swapped bytes and evictions over time (needs gpubo[plot]).",
 )
 def stress(
     budget: int,
-    total: int,
-    size: int,
+    total: int | None,
+    oversubscribe: float | None,
+    heavy: bool,
+    size: int | None,
+    random_sizes: bool,
+    min_size: int | None,
+    max_size: int | None,
+    count: int | None,
     seconds: float,
     loops: int | None,
+    verify: bool,
+    multi: bool,
+    kernel_every: int,
+    parallel: int,
+    processes: int,
+    host_pressure: bool,
+    host_pressure_fraction: float,
     seed: int | None,
     store: str | None,
     store_size: int | None,
-    kernel_every: int,
+    store_backend: str | None,
+    durability: str | None,
     as_json: bool,
+    plot: str | None,
 ) -> None:
     """Oversubscribe the device and verify that every byte survives.
 
-    Allocates BOs of --size up to --total, fills BO i so that its 32-bit word
-    j holds (seed_i + j) mod 2**32, then repeatedly reads a random BO and
-    checks every byte, rewrites a random BO with a new seed, and now and then
-    adds a constant to a BO with a kernel. Exit code 0 only if every check
-    passed (1: data mismatch, 3: gpubo or device error).
+    Allocates BOs past the budget and fills BO i so that its 32-bit word j
+    holds (seed_i + j) mod 2**32. Then, until --seconds or --loops, picks
+    BOs at random and uses them: checks every word (--verify), then adds a
+    constant with a kernel launch or rewrites them from the host with a new
+    seed. A final sweep checks every BO once more; then every BO is freed
+    and device and store bytes must be back to zero.
+
+    Exit code 0 only if every check passed (1: a check failed, 3: gpubo or
+    device error, 130: interrupted).
     """
-    config = _stress_config(budget, total, size, seconds, loops, seed, store, store_size, kernel_every)
+    if plot is not None:
+        _require_matplotlib()
+    config = _stress_config(
+        budget=budget,
+        total=total,
+        oversubscribe=oversubscribe,
+        heavy=heavy,
+        size=size,
+        random_sizes=random_sizes,
+        min_size=min_size,
+        max_size=max_size,
+        count=count,
+        seconds=seconds,
+        loops=loops,
+        seed=seed,
+        store=store,
+        store_size=store_size,
+        verify=verify,
+        multi=multi,
+        kernel_every=kernel_every,
+        parallel=parallel,
+        processes=processes,
+        host_pressure=host_pressure,
+        host_pressure_fraction=host_pressure_fraction,
+        manager_options=_manager_options(store_backend=store_backend, durability=durability),
+    )
     click.echo(_stress_banner(config), err=as_json)
-    if total <= budget:
-        click.echo("note: --total fits the budget, so nothing will be evicted", err=True)
+    if config.total_bytes <= config.budget_bytes:
+        click.echo("note: the BOs fit the budget, so nothing will be evicted", err=True)
+    progress = _ProgressLine(config, enabled=not as_json and sys.stderr.isatty())
     try:
-        report = run_stress(config, lambda p: click.echo(_progress_line(p), err=as_json))
-    except GpuboError as e:
+        with _ctrl_c_stops() as stop_requested:
+            report = run_stress(config, progress, stop_requested.is_set)
+    except ValueError as e:  # e.g. a store size the store refuses
+        raise click.UsageError(str(e)) from None
+    except OSError as e:  # --host-pressure could not start its child
         raise _Failure(f"{type(e).__name__}: {e}") from e
+    finally:
+        progress.close()
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -709,6 +873,180 @@ def stress(
     problems = _stress_problems(report)
     if problems:
         click.echo(problems, err=True)
+    if plot is not None:
+        try:
+            _write_plot(report, plot)
+        except (OSError, ValueError) as e:
+            raise _Failure(f"cannot write the plot {plot!r}: {e}") from e
+        click.echo(f"plot written to {plot}", err=as_json)
     code = _exit_code(report)
     click.echo("PASS" if code == EXIT_OK else "FAIL", err=as_json)
     click.get_current_context().exit(code)
+
+
+# -- gpubo selftest --------------------------------------------------------------------
+
+
+#: How much bigger ``gpubo selftest --heavy`` makes the stress checks (as GPUBO_HEAVY=1 does for pytest).
+_SELFTEST_HEAVY_SCALE = 8
+
+
+def _check_line(result: CheckResult) -> str:
+    return f"{'PASS' if result.ok else 'FAIL'}  {result.name:<23} {result.seconds:5.1f} s  {result.detail}"
+
+
+@main.command()
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Directory to create the checks' stores in (default: private temporary ones).",
+)
+@click.option(
+    "--check",
+    "checks",
+    multiple=True,
+    type=click.Choice(list(SELFTEST_CHECKS)),
+    help="Run only this check (repeatable).",
+)
+@click.option(
+    "--heavy", is_flag=True, help=f"Stress checks {_SELFTEST_HEAVY_SCALE}x bigger and longer (minutes)."
+)
+@_store_backend_option
+@_durability_option
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+def selftest(
+    store_dir: str | None,
+    checks: tuple[str, ...],
+    heavy: bool,
+    store_backend: str | None,
+    durability: str | None,
+    as_json: bool,
+) -> None:
+    """Run the memory-pressure suite's fast checks on the default device.
+
+    Short stress runs (basic, verify, random, heavy, multi, parallel
+    threads, processes), the RFC's store-full scenario (back BOs up until the store
+    is full, then recover and verify every one) and a BO larger than the
+    budget. Prints PASS or FAIL per check; exit code 0 only if all passed.
+    """
+    try:
+        device = _default_device()
+    except GpuboError as e:
+        raise _Failure(f"{type(e).__name__}: {e}") from e
+    click.echo(f"gpubo selftest on {device['name']} ({device['device']}, {device['platform']})", err=as_json)
+    on_result = None if as_json else (lambda result: click.echo(_check_line(result)))
+    scale = _SELFTEST_HEAVY_SCALE if heavy else 1
+    options = _manager_options(store_backend=store_backend, durability=durability)
+    results = run_selftest(list(checks) or None, store_dir, options, on_result, scale)
+    passed = sum(r.ok for r in results)
+    if as_json:
+        payload = {
+            "device": device,
+            "ok": passed == len(results),
+            "checks": [
+                {"name": r.name, "ok": r.ok, "detail": r.detail, "seconds": r.seconds} for r in results
+            ],
+        }
+        click.echo(json.dumps(payload, indent=2))
+    verdict = "PASS" if passed == len(results) else "FAIL"
+    click.echo(f"selftest: {passed} of {len(results)} checks passed: {verdict}", err=as_json)
+    click.get_current_context().exit(EXIT_OK if passed == len(results) else EXIT_CHECK_FAILED)
+
+
+# -- store commands -------------------------------------------------------------
+
+
+def _open_store_for_cli(path: str, reclaim: bool) -> SwapStore:
+    try:
+        return open_existing(path, reclaim=reclaim)
+    except GpuboError as e:
+        raise _Failure(f"{type(e).__name__}: {e}") from e
+
+
+def _fsck_payload(report: FsckReport) -> dict[str, Any]:
+    return {
+        "path": report.path,
+        "backend": report.backend,
+        "ok": report.ok,
+        "entries": report.entries,
+        "names": report.names,
+        "stored_bytes": report.stored_bytes,
+        "used_bytes": report.used_bytes,
+        "capacity_bytes": report.capacity_bytes,
+        "problems": report.problems,
+    }
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+def fsck(store_path: str, as_json: bool) -> None:
+    """Check a store: every record's checksums, refcounts, space accounting, leaks.
+
+    Opens the store without reclaiming anything, so bytes a killed process
+    left behind are reported as leaks (the next normal open reclaims them).
+    Exit code 0 only if no problem was found.
+    """
+    store = _open_store_for_cli(store_path, reclaim=False)
+    try:
+        report = store.fsck()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(_fsck_payload(report), indent=2))
+    else:
+        click.echo(f"store {report.path} ({report.backend})")
+        click.echo(
+            f"  {len(report.names)} record(s), {report.entries} entr(y/ies), "
+            f"{format_bytes(report.used_bytes)} of {format_bytes(report.capacity_bytes)} used"
+        )
+        for problem in report.problems:
+            click.echo(f"  PROBLEM: {problem}")
+        click.echo("fsck: clean" if report.ok else f"fsck: {len(report.problems)} problem(s)")
+    click.get_current_context().exit(EXIT_OK if report.ok else EXIT_CHECK_FAILED)
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")
+def stats(store_path: str, as_json: bool) -> None:
+    """Show a store's backend, size, use and named records."""
+    store = _open_store_for_cli(store_path, reclaim=False)
+    try:
+        records: list[dict[str, Any]] = []
+        for name in store.names():
+            entry = store.lookup(name)
+            assert entry is not None
+            records.append(
+                {
+                    "name": name,
+                    "nbytes": entry.nbytes,
+                    "stored_bytes": entry.stored_bytes,
+                    "footprint": entry.footprint,
+                }
+            )
+            store.release(entry)
+        payload: dict[str, Any] = {
+            "path": store.path,
+            "backend": store.backend_name,
+            "size_bytes": store.size_bytes,
+            "capacity_bytes": store.capacity_bytes,
+            "used_bytes": store.used_bytes,
+            "records": records,
+        }
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(payload, indent=2))
+        return
+    click.echo(f"store {payload['path']} ({payload['backend']})")
+    click.echo(
+        f"  size {format_bytes(store.size_bytes)}, capacity {format_bytes(store.capacity_bytes)}, "
+        f"used {format_bytes(payload['used_bytes'])}"
+    )
+    if records:
+        rows = [[r["name"], format_bytes(r["nbytes"]), format_bytes(r["stored_bytes"])] for r in records]
+        click.echo(_table(["record", "size", "stored"], rows))
+    else:
+        click.echo("  no named records")
