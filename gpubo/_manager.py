@@ -309,9 +309,11 @@ class Manager:
         self._purged_bytes = 0
         self._purges = 0
         self._purgeable_resident = 0  # resident, unpinned, purgeable BOs (a fast path hint)
+        self._purgeable: set[BufferObject] = set()  # every live purgeable BO
         self._groups: dict[str, Group] = {}
         self._pinned_bufs: dict[int, BufferObject] = {}  # cl_mem handle -> pinned BO
         self._launch_pinned_bytes = 0  # pins held by launches in progress (brief)
+        self._launch_events: list[cl.Event] = []  # launches that may still run (pruned lazily)
         self._launch_ctx = threading.local()  # .pinned: bytes this thread's launch pins
         # Shrinkers run in this order by shrink(); the registry is guarded by _lock.
         self._shrinkers: list[Shrinker] = [PoolShrinker(self), DeviceShrinker(self), StoreCacheShrinker(self)]
@@ -477,6 +479,9 @@ class Manager:
                 for bo in pinned:
                     self._prune_events_locked(bo)
                     bo.events.append(event)
+                if len(self._launch_events) > 64:
+                    self._launches_in_flight_locked()
+                self._launch_events.append(event)
         finally:
             for bo in pinned:
                 self._bo_unpin(bo)
@@ -759,19 +764,22 @@ class Manager:
         """
         want = parse_bytes(nbytes, "nbytes")
         freed = 0
-        self._shrink_ctx.may_block = may_block
+        outer = self._shrink_may_block()
+        self._shrink_ctx.may_block = may_block and outer  # a nested shrink never blocks more
         try:
             for shrinker in self.shrinkers:
                 if freed >= want:
                     break
                 try:
+                    if shrinker.count() <= 0:  # nothing to give: no scan (as in the kernel)
+                        continue
                     got = int(shrinker.scan(want - freed))
                 except Exception:
                     log.exception("shrinker %r failed; the others still run", shrinker)
                     continue
                 freed += max(0, got)
         finally:
-            self._shrink_ctx.may_block = True
+            self._shrink_ctx.may_block = outer
         return freed
 
     def _shrink_may_block(self) -> bool:
@@ -1022,6 +1030,10 @@ class Manager:
                 if listed:
                     self._lru_remove_locked(bo)
                 bo.is_purgeable = value
+                if value:
+                    self._purgeable.add(bo)
+                else:
+                    self._purgeable.discard(bo)
                 if listed:
                     self._lru_add_locked(bo)
                 return bo.state is not State.PURGED
@@ -1074,6 +1086,7 @@ class Manager:
                 self._lru_remove_locked(bo)
                 self._move(bo, State.FREED)
                 del self._bos[bo.id]
+                self._purgeable.discard(bo)
                 if bo.group is not None:
                     bo.group.bo_count -= 1
                 self._unadmit_locked(bo.nbytes, bo.store_footprint)
@@ -1464,6 +1477,7 @@ class Manager:
         """
         contended = False
         ranked: dict[int, list[BufferObject]] = {}
+        queue_busy = not may_block and self._launches_in_flight_locked()
         for bo in self._lru:
             if only_group is not None and bo.group is not only_group:
                 continue
@@ -1471,7 +1485,10 @@ class Manager:
             if tier is None:
                 continue
             busy = self._prune_events_locked(bo)
-            if busy and not may_block:
+            needs_copy = bo.entry is None and not bo.known_zero and not bo.is_purgeable
+            if not may_block and (busy or (needs_copy and queue_busy)):
+                # Copying it out would wait on the in-order queue behind
+                # every kernel enqueued before: not for a non-blocking walk.
                 continue
             if bo.is_purgeable and not busy:
                 rank = 0
@@ -1495,6 +1512,11 @@ class Manager:
                 contended = True
         in_flight = self._charged_bytes - self._resident_bytes - self._pooled_bytes
         return None, contended or in_flight > 0 or self._others_launch_pins_locked() > 0
+
+    def _launches_in_flight_locked(self) -> bool:
+        """True while a kernel this manager launched may still run."""
+        self._launch_events[:] = [ev for ev in self._launch_events if not self.backend.is_complete(ev)]
+        return bool(self._launch_events)
 
     def _others_launch_pins_locked(self) -> int:
         """Bytes pinned by other threads' launches in progress."""
@@ -1524,9 +1546,25 @@ class Manager:
                         freed += victim.nbytes
                 finally:
                     victim.lock.release()
+            self._purge_swapped()
             return freed
         finally:
             self._room_lock.release()
+
+    def _purge_swapped(self) -> None:
+        """Drop swapped purgeable BOs too: they hold store space, not device memory."""
+        with self._lock:
+            swapped = [bo for bo in self._purgeable if bo.state is State.SWAPPED]
+        for bo in swapped:
+            if not bo.lock.acquire(blocking=False):
+                continue
+            try:
+                with self._lock:
+                    still = bo.state is State.SWAPPED and bo.is_purgeable and not bo.pin_count
+                if still:
+                    self._purge_locked(bo)
+            finally:
+                bo.lock.release()
 
     # -- accounting helpers -------------------------------------------------
 

@@ -32,6 +32,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from gpubo._units import parse_bytes
+
 if TYPE_CHECKING:
     from gpubo._manager import Manager
 
@@ -148,6 +150,9 @@ class LinuxPressure:
             this fraction of ``memory.high`` (or ``memory.max``).
         root: filesystem root, for tests (``/proc`` and ``/sys`` under it).
 
+    Raises (constructor):
+        TypeError, ValueError: a threshold of the wrong type or out of range.
+
     Notes:
         Each signal the machine lacks is logged once and skipped.
     """
@@ -155,18 +160,26 @@ class LinuxPressure:
     def __init__(
         self,
         *,
-        min_available: int | None = None,
+        min_available: int | str | None = None,
         psi_some_avg10: float = 10.0,
-        psi_reclaim_bytes: int = 64 << 20,
+        psi_reclaim_bytes: int | str = 64 << 20,
         cgroup_fraction: float = 0.9,
         root: str = "/",
     ) -> None:
+        if isinstance(psi_some_avg10, bool) or not isinstance(psi_some_avg10, (int, float)):
+            raise TypeError(f"psi_some_avg10 must be a number, got {psi_some_avg10!r}")
+        if not 0 <= psi_some_avg10 <= 100:
+            raise ValueError(f"psi_some_avg10 is a percentage (0..100), got {psi_some_avg10}")
+        if isinstance(cgroup_fraction, bool) or not isinstance(cgroup_fraction, (int, float)):
+            raise TypeError(f"cgroup_fraction must be a number, got {cgroup_fraction!r}")
+        if not 0 < cgroup_fraction <= 1:
+            raise ValueError(f"cgroup_fraction must be in (0, 1], got {cgroup_fraction}")
         self._root = root
-        self.psi_some_avg10 = psi_some_avg10
-        self.psi_reclaim_bytes = psi_reclaim_bytes
-        self.cgroup_fraction = cgroup_fraction
+        self.psi_some_avg10 = float(psi_some_avg10)
+        self.psi_reclaim_bytes = parse_bytes(psi_reclaim_bytes, "psi_reclaim_bytes")
+        self.cgroup_fraction = float(cgroup_fraction)
         self._missing: set[str] = set()
-        self.min_available = min_available
+        self.min_available = None if min_available is None else parse_bytes(min_available, "min_available")
         if min_available is None:
             total = self._meminfo().get("MemTotal")
             self.min_available = total // 10 if total else None
@@ -286,9 +299,16 @@ class PressureMonitor:
             log.exception("memory pressure source %r failed", self.source)
             return 0
         self.rounds += 1
-        if pressure is None or pressure.reclaim_bytes <= 0:
+        if pressure is None:
             return 0
-        freed = self._manager.shrink(pressure.reclaim_bytes, may_block=False)
+        try:
+            want = int(pressure.reclaim_bytes)
+            if want <= 0:
+                return 0
+            freed = self._manager.shrink(want, may_block=False)
+        except Exception:  # the monitor must outlive a bad reading or a failed shrink
+            log.exception("shrinking for memory pressure %r failed", pressure)
+            return 0
         self.reclaimed_bytes += freed
         log.info(
             "memory pressure (%s): reclaimed %d of %d bytes", pressure.reason, freed, pressure.reclaim_bytes
