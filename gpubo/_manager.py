@@ -1145,15 +1145,7 @@ class Manager:
         """
         entry = bo.entry
         assert entry is not None
-        buf = self._new_buffer(bo.nbytes, zero=False, group=bo.group)
-        try:
-            if replace_with is None:
-                swap_in(self.backend, self.store, entry, buf, bo.label())
-            else:
-                self.backend.upload(buf, replace_with, 0)
-        except BaseException:
-            self._release(buf, bo.nbytes, bo.group)
-            raise
+        buf = self._filled_buffer(bo, entry if replace_with is None else None, replace_with)
         with self._lock:
             self._move(bo, State.RESIDENT)
             self._swapped_delta_locked(bo, -1)
@@ -1172,16 +1164,25 @@ class Manager:
             self._release_entry(entry)
         log.debug("restored %r", bo)
 
+    def _filled_buffer(self, bo: BufferObject, entry: Entry | None, content: np.ndarray | None) -> cl.Buffer:
+        """A device buffer for ``bo`` (charged to the budget and its group)
+        holding ``content``, else ``entry``'s verified bytes, else zeros; on
+        any failure it is released and nothing else changed."""
+        buf = self._new_buffer(bo.nbytes, zero=entry is None and content is None, group=bo.group)
+        try:
+            if content is not None:
+                self.backend.upload(buf, content, 0)
+            elif entry is not None:
+                swap_in(self.backend, self.store, entry, buf, bo.label())
+        except BaseException:
+            self._release(buf, bo.nbytes, bo.group)
+            raise
+        return buf
+
     def _revive_locked(self, bo: BufferObject, replace_with: np.ndarray | None) -> None:
         """Bring purged ``bo`` back, zero-filled or with ``replace_with``.
         Holds ``_room_lock`` and ``bo.lock``."""
-        buf = self._new_buffer(bo.nbytes, zero=replace_with is None, group=bo.group)
-        if replace_with is not None:
-            try:
-                self.backend.upload(buf, replace_with, 0)
-            except BaseException:
-                self._release(buf, bo.nbytes, bo.group)
-                raise
+        buf = self._filled_buffer(bo, None, replace_with)
         with self._lock:
             self._move(bo, State.RESIDENT)
             bo.buf = buf
