@@ -460,8 +460,23 @@ class SwapStore(ABC):
         return self._write(src, src.nbytes, scan_zero_pages(src, src.nbytes))
 
     def write_zeros(self, nbytes: int) -> Entry:
-        """A new entry of ``nbytes`` zeros: no byte is read or written."""
-        return self._write(None, nbytes, np.ones(-(-nbytes // PAGE_BYTES), np.bool_))
+        """A new entry of ``nbytes`` zeros: no byte is read, written or planned."""
+        npages = -(-nbytes // PAGE_BYTES)
+        nchunks = -(-nbytes // CHUNK_BYTES)
+        with self._lock:
+            key = self._next_key
+            self._next_key += 1
+            entry = Entry(
+                key=key,
+                nbytes=nbytes,
+                footprint=0,
+                stored_bytes=0,
+                checksums=(None,) * nchunks if self.checksums else None,
+                zeromap=np.packbits(np.ones(npages, np.bool_)).tobytes(),
+            )
+            self._entries[key] = entry
+            self._refs[key] = 1
+        return entry
 
     def _write(self, src: memoryview | None, nbytes: int, zero_flags: np.ndarray | None) -> Entry:
         plans = plan_chunks(nbytes, zero_flags)

@@ -10,9 +10,9 @@ disk (which would kill the process with SIGBUS). LMDB is copy-on-write:
 :meth:`LmdbStore.transit_bytes` is the room an eviction needs beyond the live
 entries, and the manager keeps it free.
 
-Durability: ``lazy`` commits without syncing; ``sync`` opens the environment
-with ``sync=True`` so each commit is flushed (data pages, then the meta page)
-before it returns. ``direct`` needs the slot-file backend.
+Durability: ``lazy`` commits without syncing; ``sync`` flushes the
+environment (msync and fsync) after an entry's data is committed and before
+the entry is used. ``direct`` needs the slot-file backend.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ class LmdbStore(SwapStore):
         return self.footprint(largest_nbytes) + self.footprint(min(largest_nbytes, CHUNK_BYTES))
 
     def _open_env(self, size_bytes: int) -> lmdb.Environment:
-        sync = self.durability is Durability.SYNC
         existing = os.path.join(self.path, _DATA_NAME)
         if os.path.exists(existing):  # a store keeps the size it was created with
             size = os.path.getsize(existing)
@@ -92,8 +91,11 @@ class LmdbStore(SwapStore):
             map_size=size_bytes,
             subdir=True,
             writemap=True,
-            sync=sync,
-            metasync=sync,
+            # Commits are not synced: dropping an anonymous entry need not be
+            # durable (the next open reclaims it). Data and records that must
+            # be are flushed explicitly (_flush, _sync_meta).
+            sync=False,
+            metasync=False,
             meminit=False,
             readahead=False,
             max_dbs=4,
@@ -214,8 +216,6 @@ class LmdbStore(SwapStore):
             raise StoreError(f"releasing a store entry failed: {e}") from e
 
     def _flush(self, entry: Entry) -> None:
-        if self.durability is Durability.SYNC:
-            return  # every commit already flushed data, then the meta page
         self._sync_meta()
 
     def _drop_cache(self) -> bool:

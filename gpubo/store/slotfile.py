@@ -2,19 +2,21 @@
 
 ``slots.bin`` is created at its full size with ``posix_fallocate`` and
 memory-mapped; an entry's stored bytes are laid out, in order, over its
-extents (see :mod:`gpubo.store.slots`). Eviction copies from the mapped
-device buffer straight into the mapped slots; restore copies back from them.
+extents (see :mod:`gpubo.store.slots`). Eviction writes from the mapped
+device buffer straight into the slots with ``pwrite`` (one copy, into the
+page cache; copying into the mapping instead takes a page fault per 4 KiB
+once the file has been written back); restore copies from the mapping.
 Only named records touch LMDB (a small metadata environment beside the slot
 file); the slot map itself is not saved: it is rebuilt from the records when
 the store is opened, so anonymous entries of a dead process are free again
 by construction and a crash can never leak a slot.
 
 Durability: ``lazy`` leaves the bytes in the page cache; ``sync`` flushes
-the entry's slots (msync) before the entry is committed; ``direct`` writes
+the file (fdatasync) before the entry is committed; ``direct`` writes
 and reads with ``O_DIRECT`` through one chunk-sized, page-aligned bounce
 buffer (allocated once), so eviction does not fill the page cache. A
-filesystem that refuses ``O_DIRECT`` (tmpfs, for one) is a clear StoreError
-when the store is opened.
+filesystem that refuses ``O_DIRECT`` is a clear StoreError when the store is
+opened.
 """
 
 from __future__ import annotations
@@ -208,15 +210,24 @@ class SlotFileStore(SwapStore):
                     hasher.add(memoryview(self._bounce)[:n])
                     sums.append(hasher.digest() if self.checksums else None)
                 continue
-            else:
-                segs = list(_segments(extents, plan.stream_offset, n))
-                pieces = [(s, e - s) for s, e in plan.pieces]
-                for src_off, file_off, length in _zip(pieces, segs):
-                    np.copyto(self._slots[file_off : file_off + length], data[src_off : src_off + length])
-                for file_off, length in segs:  # after the copy, while in cache
-                    hasher.add(self._view[file_off : file_off + length])
+            segs = list(_segments(extents, plan.stream_offset, n))
+            pieces = [(s, e - s) for s, e in plan.pieces]
+            for src_off, file_off, length in _zip(pieces, segs):
+                # pwrite, not a copy into the mapping: writing through the map
+                # takes a page fault per 4 KiB page once the file was written back.
+                self._pwrite_all(src[src_off : src_off + length], file_off)
+            for start, length in pieces:  # after the copy, while in cache
+                hasher.add(src[start : start + length])
             sums.append(hasher.digest() if self.checksums else None)
         return sums
+
+    def _pwrite_all(self, view: memoryview, offset: int) -> None:
+        try:
+            while view.nbytes:
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as e:
+            raise StoreError(f"writing to the slot file failed: {e}") from e
 
     def _write_direct(self, extents: Extents, plan: ChunkPlan, data: np.ndarray) -> None:
         pos = 0
@@ -282,10 +293,8 @@ class SlotFileStore(SwapStore):
             if self.durability is Durability.DIRECT:
                 os.fdatasync(self._direct_fd)
                 return
-            assert self._mmap is not None
-            for slot, count in entry.extents:
-                self._mmap.flush(slot * PAGE_BYTES, count * PAGE_BYTES)
-        except (OSError, ValueError) as e:
+            os.fdatasync(self._fd)  # one flush of the file, not one per extent
+        except OSError as e:
             raise StoreError(f"flushing the slot file failed: {e}") from e
 
     def _sync_meta(self) -> None:
