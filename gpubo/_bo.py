@@ -216,9 +216,11 @@ class BufferObject:
         buffer, pinned for the ``with`` block.
 
         pyopencl's array operations and reductions work on it, and it can be
-        passed to :meth:`Manager.launch`. ``readonly=True`` promises it is only
-        read, so the BO's clean store copy stays valid (an eviction after the
-        block costs no copy).
+        passed to :meth:`Manager.launch` inside the block (after it, launch
+        refuses it). ``readonly=True`` promises the block only reads, so the
+        BO's clean store copy stays valid (an eviction after the block costs
+        no copy); a launch with the array still follows the kernel's
+        signature (a parameter not declared ``const`` dirties the BO).
 
         Raises:
             TypeError, ValueError: bad ``shape`` or ``dtype``, or the array

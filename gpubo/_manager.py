@@ -519,6 +519,7 @@ class Manager:
 
     def _prefetch_one(self, bo: BufferObject) -> None:
         try:
+            self._check_alive(bo)
             if bo.state is State.SWAPPED:
                 self._bo_restore(bo)
         except GpuboError as e:
@@ -539,6 +540,11 @@ class Manager:
             handle = getattr(arg.base_data, "int_ptr", None)
             with self._lock:
                 owner = self._pinned_bufs.get(handle) if handle is not None else None
+                if owner is None and handle is not None and self._owns_buffer_locked(handle):
+                    raise ValueError(
+                        f"argument {index}: an array from bo.array() used after its with block "
+                        "(its buffer may hold another BO by now)"
+                    )
             return owner  # pinned by its array's block; launch pins it again
         else:
             return None
@@ -1518,6 +1524,12 @@ class Manager:
         """True while a kernel this manager launched may still run."""
         self._launch_events[:] = [ev for ev in self._launch_events if not self.backend.is_complete(ev)]
         return bool(self._launch_events)
+
+    def _owns_buffer_locked(self, handle: int) -> bool:
+        """True if the device buffer ``handle`` is a resident BO's or pooled."""
+        if any(bo.buf is not None and bo.buf.int_ptr == handle for bo in self._bos.values()):
+            return True
+        return any(buf.int_ptr == handle for bufs in self._pool.values() for buf in bufs)
 
     def _others_launch_pins_locked(self) -> int:
         """Bytes pinned by other threads' launches in progress."""

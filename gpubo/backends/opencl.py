@@ -72,8 +72,8 @@ def _pick_device(spec: str | None = None) -> cl.Device:
 
     ``spec`` (from ``GPUBO_DEVICE``) narrows the choice: ``"gpu"``, ``"cpu"``
     or ``"accelerator"``; ``"P:D"`` (platform and device indices, as ``gpubo
-    info`` lists them); or a case-insensitive part of the device or platform
-    name.
+    info`` lists them); ``"pocl"``; or a case-insensitive part of the device
+    or platform name.
     """
     platforms = _platforms()
     if spec:
@@ -104,7 +104,13 @@ def _match_device(platforms: list[cl.Platform], spec: str) -> cl.Device:
         found = devices[di : di + 1]
     else:
         needle = spec.lower()
-        found = [d for p, d in everything if needle in d.name.lower() or needle in p.name.lower()]
+        found = [
+            d
+            for p, d in everything
+            if needle in d.name.lower()
+            or needle in p.name.lower()
+            or (needle == "pocl" and p.name == _POCL_PLATFORM)
+        ]
     if not found:
         names = ", ".join(f"{p.name}: {d.name.strip()}" for p, d in everything) or "none"
         raise DeviceError(f"device {spec!r} matches no OpenCL device (devices: {names})")
