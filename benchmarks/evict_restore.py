@@ -66,34 +66,29 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import mmap
 import os
-import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import pyopencl as cl
-
 import gpubo
-from gpubo import BufferObject, Manager, State, StoreError
+from gpubo import StoreError
 from gpubo.backends import OpenCLBackend
 
-BACKENDS = ("lmdb", "slotfile")
-DURABILITIES = ("lazy", "sync", "direct")
-#: Which durability modes each backend can do.
-SUPPORTED = {"lmdb": ("lazy", "sync"), "slotfile": ("lazy", "sync", "direct")}
-#: Restores that allocate a fresh device buffer are slow; a few are enough.
-FRESH_BUFFER_REPS = 3
-PAGE = 4096
+# The measuring machinery is shared with ``gpubo bench`` and lives in gpubo.bench.
+from gpubo.bench import (
+    BACKENDS,
+    DURABILITIES,
+    bench_directory,
+    bench_size,
+    case_keys,
+    direct_ok,
+    machine,
+    render_table,
+)
 
 #: Goals from the issue: (backend, durability, checksums, measure, minimum, text). The
 #: raw-copy goals are for lazy, where an eviction is a copy into the page cache.
@@ -114,450 +109,11 @@ GOALS = [
 ]
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call of ``fn`` takes."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-@dataclass
-class Series:
-    """Timings (seconds) of one operation on ``nbytes``; the first ``warmup`` are not counted."""
-
-    nbytes: int
-    warmup: int
-    samples_s: list[float] = field(default_factory=list)
-
-    def add(self, seconds: float) -> None:
-        self.samples_s.append(seconds)
-
-    @property
-    def steady_s(self) -> list[float]:
-        return self.samples_s[self.warmup :]
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.steady_s)
-
-    @property
-    def gbps(self) -> float:
-        return self.nbytes / self.median_s / 1e9
-
-    @property
-    def first_gbps(self) -> float:
-        return self.nbytes / self.samples_s[0] / 1e9
-
-    def to_json(self, throughput: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"median_s": self.median_s, "median_us": self.median_s * 1e6}
-        if throughput:
-            out["median_gbps"] = self.gbps
-            out["first_gbps"] = self.first_gbps
-        out["samples_s"] = self.samples_s
-        out["warmup"] = self.warmup
-        return out
-
-
-def ratio(gpubo_series: Series, baseline: Series) -> dict[str, float]:
-    """gpubo throughput over the baseline's: of the medians (the headline), the
-    median of per-rep ratios, and of the best reps (what a quiet machine allows)."""
-    g, b = gpubo_series.steady_s, baseline.steady_s
-    paired = [bs / gs for gs, bs in zip(g, b, strict=False)]
-    return {
-        "of_medians": statistics.median(b) / statistics.median(g),
-        "median_paired": statistics.median(paired),
-        "of_best": min(b) / min(g),
-    }
-
-
-# -- baselines -----------------------------------------------------------------
-
-
-class RawCopy:
-    """Raw blocking ``enqueue_copy`` both ways between a device buffer and a host array."""
-
-    def __init__(self, context: cl.Context, queue: cl.CommandQueue, host: np.ndarray) -> None:
-        self.queue = queue
-        self.host = host
-        self.buf = cl.Buffer(context, cl.mem_flags.READ_WRITE, host.nbytes)
-        cl.enqueue_copy(queue, self.buf, self.host, is_blocking=True)
-
-    def d2h(self) -> None:
-        cl.enqueue_copy(self.queue, self.host, self.buf, is_blocking=True)
-
-    def h2d(self) -> None:
-        cl.enqueue_copy(self.queue, self.buf, self.host, is_blocking=True)
-
-    def release(self) -> None:
-        self.buf.release()
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        n = os.pwrite(fd, data[done:], offset + done)
-        if n <= 0:
-            raise OSError(f"short write ({done} of {len(data)} bytes)")
-        done += n
-
-
-class FileWrite:
-    """Plain file writes of the same bytes into preallocated files in ``directory``.
-
-    Both files are preallocated and written once before any timing, as a
-    store's slots are after their first use (no extent conversion in the
-    timings).
-    """
-
-    def __init__(self, directory: str, host: np.ndarray, direct: bool) -> None:
-        self.nbytes = host.nbytes
-        self.src = host.data.cast("B")
-        self.path = os.path.join(directory, f"baseline-{self.nbytes}.bin")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.posix_fallocate(self.fd, 0, self.nbytes)
-        self.write_fdatasync()
-        self.direct_fd = -1
-        self.aligned: mmap.mmap | None = None
-        if direct:
-            padded = -(-self.nbytes // PAGE) * PAGE  # O_DIRECT wants whole blocks
-            self.direct_path = os.path.join(directory, f"baseline-direct-{self.nbytes}.bin")
-            fd = os.open(self.direct_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, padded)
-            finally:
-                os.close(fd)
-            self.direct_fd = os.open(self.direct_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-            self.aligned = mmap.mmap(-1, padded)  # page-aligned, like gpubo's bounce buffer
-            np.frombuffer(self.aligned, np.uint8)[: self.nbytes] = host
-            self.write_direct()
-
-    def write(self) -> None:
-        _pwrite_all(self.fd, self.src, 0)
-
-    def write_fdatasync(self) -> None:
-        _pwrite_all(self.fd, self.src, 0)
-        os.fdatasync(self.fd)
-
-    def write_direct(self) -> None:
-        assert self.aligned is not None
-        _pwrite_all(self.direct_fd, memoryview(self.aligned), 0)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-        if self.aligned is not None:
-            self.aligned.close()
-
-
-# -- gpubo ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CaseKey:
-    backend: str
-    durability: str
-    checksums: bool
-
-    @property
-    def label(self) -> str:
-        return f"{self.backend}/{self.durability}/checksums {'on' if self.checksums else 'off'}"
-
-
-class Baselines:
-    """Every baseline of one size; each measurement is also kept in ``all`` (timed reps only)."""
-
-    def __init__(self, context: cl.Context, directory: str, nbytes: int, direct: bool) -> None:
-        self.queue = cl.CommandQueue(context)
-        host = np.full(nbytes, 0x5A, np.uint8)  # touched: no page faults in the timings
-        self.raw = RawCopy(context, self.queue, host)
-        self.files = FileWrite(directory, host, direct)
-        self.ops: dict[str, Callable[[], None]] = {
-            "d2h": self.raw.d2h,
-            "h2d": self.raw.h2d,
-            "write": self.files.write,
-            "write_fdatasync": self.files.write_fdatasync,
-        }
-        if direct:
-            self.ops["write_direct"] = self.files.write_direct
-        self.all = {name: Series(nbytes, 0) for name in self.ops}
-        self.steady = False  # set once the warm-up reps are over
-
-    def run(self, name: str) -> float:
-        seconds = timed(self.ops[name])
-        if self.steady:
-            self.all[name].add(seconds)
-        return seconds
-
-    def close(self) -> None:
-        self.raw.release()
-        self.files.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.files.path)
-        if hasattr(self.files, "direct_path"):
-            with contextlib.suppress(OSError):
-                os.unlink(self.files.direct_path)
-
-
-def _state(bo: BufferObject) -> State:
-    return bo.state
-
-
-class GpuboCase:
-    """One manager with one BO of non-zero data, evicted and restored over and over.
-
-    Each timed eviction and restore is preceded by its baseline (raw D2H
-    before an eviction, raw H2D before a restore, and for ``sync`` and
-    ``direct`` the durable write too), so that every ratio compares
-    measurements taken moments apart.
-    """
-
-    def __init__(self, key: CaseKey, nbytes: int, directory: str, context: cl.Context, warmup: int) -> None:
-        self.key = key
-        self.nbytes = nbytes
-        self.store_dir = os.path.join(
-            directory, f"{key.backend}-{key.durability}-{'cs' if key.checksums else 'nocs'}-{nbytes}"
-        )
-        # Room for the BO, a zero BO and a pooled buffer; a store that holds
-        # both BOs' entries plus LMDB's copy-on-write transit.
-        self.mgr = Manager(
-            4 * nbytes,
-            store=self.store_dir,
-            store_size=4 * nbytes + (64 << 20),
-            device=context,
-            store_backend=key.backend,
-            durability=key.durability,
-            checksums=key.checksums,
-        )
-        self.expected = np.arange(nbytes // 4, dtype=np.uint32)  # no zero page
-        self.first_byte = self.expected.view(np.uint8)[:1].copy()
-        self.zeros = np.zeros(nbytes, np.uint8)
-        self.bo: BufferObject = self.mgr.alloc(nbytes)
-        self.bo.write(self.expected)
-        # The store's data file, to write its cached pages back (lazy only; see rep()).
-        data = os.path.join(self.store_dir, "slots.bin" if key.backend == "slotfile" else "data.mdb")
-        self.data_file = data if key.durability == "lazy" and os.path.exists(data) else None
-        w = warmup
-        self.series = {
-            name: Series(nbytes, w)
-            for name in (
-                "dirty", "evict", "restore", "clean_evict", "zero_untouched", "zero_written",
-                "evict_after_writeback", "d2h", "h2d", "d2h_writeback", "durable",
-            )
-        }  # fmt: skip
-        self.fresh = Series(nbytes, 0)
-
-    def _add(self, name: str, seconds: float) -> None:
-        self.series[name].add(seconds)
-
-    def _evicted(self) -> int:
-        return self.mgr.stats().bytes_evicted
-
-    def _timed_evict(self, bo: BufferObject, copies: int) -> float:
-        """Time ``bo.evict()``, checking that it copied exactly ``copies`` bytes into the store."""
-        assert bo.state is State.RESIDENT
-        before = self._evicted()
-        seconds = timed(bo.evict)
-        copied = self._evicted() - before
-        if _state(bo) is not State.SWAPPED or copied != copies:
-            raise SystemExit(
-                f"{self.key.label}: an eviction copied {copied} bytes, expected {copies}: benchmark invalid"
-            )
-        return seconds
-
-    def _restore(self) -> float:
-        """Time ``bo.restore()`` with a pooled device buffer of the BO's size."""
-        assert self.bo.state is State.SWAPPED
-        if self.mgr.stats().pooled_bytes < self.nbytes:
-            self.mgr.alloc(self.nbytes).free()  # a freed BO's buffer stays pooled for reuse
-        return timed(self.bo.restore)
-
-    def _dirty(self) -> float:
-        """Make the BO differ from its swap-cache copy, so the next eviction copies."""
-        return timed(lambda: self.bo.write(self.first_byte, 0))
-
-    def rep(self, base: Baselines) -> None:
-        self._add("dirty", self._dirty())
-        if self.key.durability == "sync":
-            self._add("durable", base.run("write_fdatasync"))
-        elif self.key.durability == "direct":
-            self._add("durable", base.run("write_direct"))
-        self._add("d2h", base.run("d2h"))
-        self._add("evict", self._timed_evict(self.bo, self.nbytes))
-        self._add("h2d", base.run("h2d"))
-        self._add("restore", self._restore())
-        # Clean: restored and unchanged, the swap cache holds its bytes.
-        self._add("clean_evict", self._timed_evict(self.bo, 0))
-        self._restore()
-        # Zero BOs: fresh (known zero) and written with zeros (zero-page scan).
-        zero = self.mgr.alloc(self.nbytes)
-        self._add("zero_untouched", self._timed_evict(zero, 0))
-        zero.free()
-        zero = self.mgr.alloc(self.nbytes)
-        zero.write(self.zeros)
-        self._add("zero_written", self._timed_evict(zero, 0))
-        zero.free()
-
-    def writeback_rep(self, base: Baselines) -> None:
-        """Lazy only: evict once the OS has written the store's pages back (as
-        its flusher does for a file dirty for ~30 s), so that the mapped pages
-        are clean and write-protected again. The write-back is forced here,
-        untimed. A separate phase: with LMDB's copy-on-write pages it would
-        otherwise slow the next rep's ordinary eviction too."""
-        assert self.data_file is not None
-        self._dirty()
-        fd = os.open(self.data_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        self._add("d2h_writeback", base.run("d2h"))
-        self._add("evict_after_writeback", self._timed_evict(self.bo, self.nbytes))
-        self._restore()
-
-    def fresh_restores(self) -> None:
-        """Restores that allocate a fresh device buffer (the pool drained first)."""
-        for _ in range(FRESH_BUFFER_REPS):
-            self.bo.evict()
-            self.mgr.evict(self.nbytes)  # drains the pool: the restore must allocate
-            self.fresh.add(timed(self.bo.restore))
-
-    def check(self) -> None:
-        if not np.array_equal(self.bo.read(np.uint32), self.expected):
-            raise SystemExit(f"{self.key.label}: bytes changed after evict/restore of {self.nbytes}: invalid")
-
-    def close(self) -> None:
-        self.mgr.close()
-        shutil.rmtree(self.store_dir, ignore_errors=True)
-
-    def to_json(self) -> dict[str, Any]:
-        key, s = self.key, self.series
-        row: dict[str, Any] = {
-            "backend": key.backend,
-            "durability": key.durability,
-            "checksums": key.checksums,
-            "evict": s["evict"].to_json(),
-            "restore": s["restore"].to_json(),
-            "restore_fresh_buffer": self.fresh.to_json(),
-            "dirty_write_1_byte": s["dirty"].to_json(throughput=False),
-            "clean_reevict": s["clean_evict"].to_json(throughput=False),
-            "zero_untouched_evict": s["zero_untouched"].to_json(throughput=False),
-            "zero_written_evict": s["zero_written"].to_json(throughput=False),
-            "paired_raw_d2h": s["d2h"].to_json(),
-            "paired_raw_h2d": s["h2d"].to_json(),
-            "evict_vs_d2h": ratio(s["evict"], s["d2h"]),
-            "restore_vs_h2d": ratio(s["restore"], s["h2d"]),
-            "zero_written_evict_vs_d2h": ratio(s["zero_written"], s["d2h"]),
-        }
-        if s["durable"].samples_s:
-            row["durable_baseline"] = "write_fdatasync" if key.durability == "sync" else "write_direct"
-            row["paired_durable"] = s["durable"].to_json()
-            row["evict_vs_durable"] = ratio(s["evict"], s["durable"])
-        if s["evict_after_writeback"].samples_s:
-            row["evict_after_writeback"] = s["evict_after_writeback"].to_json()
-            row["paired_raw_d2h_writeback"] = s["d2h_writeback"].to_json()
-            row["evict_after_writeback_vs_d2h"] = ratio(s["evict_after_writeback"], s["d2h_writeback"])
-        return row
-
-
-def case_keys(backends: list[str], durabilities: list[str]) -> list[CaseKey]:
-    return [
-        CaseKey(b, d, cs) for b in backends for d in durabilities if d in SUPPORTED[b] for cs in (False, True)
-    ]
-
-
-def bench_size(
-    nbytes: int, reps: int, warmup: int, context: cl.Context, keys: list[CaseKey], directory: str
-) -> dict[str, Any]:
-    """All measurements for one BO size, interleaved rep by rep."""
-    base = Baselines(context, directory, nbytes, direct=any(k.durability == "direct" for k in keys))
-    cases: list[GpuboCase] = []
-    try:
-        for key in keys:
-            cases.append(GpuboCase(key, nbytes, directory, context, warmup))
-        for rep in range(warmup + reps):
-            base.steady = rep >= warmup
-            base.run("write")  # informational: a plain write into the page cache
-            shift = rep % len(cases)
-            for case in cases[shift:] + cases[:shift]:
-                case.rep(base)
-        lazy = [case for case in cases if case.data_file is not None]
-        for rep in range(warmup + reps if lazy else 0):
-            base.steady = False  # these D2H copies are not part of the baseline table
-            shift = rep % len(lazy)
-            for case in lazy[shift:] + lazy[:shift]:
-                case.writeback_rep(base)
-        for case in cases:
-            case.fresh_restores()
-            case.check()
-    finally:
-        base.close()
-        for case in cases:
-            case.close()
-    return {
-        "nbytes": nbytes,
-        "baselines": {name: s.to_json() for name, s in base.all.items() if s.samples_s},
-        "gpubo": [case.to_json() for case in cases],
-    }
-
-
 # -- reporting -----------------------------------------------------------------
-
-
-def _filesystem(path: str) -> dict[str, str]:
-    """Mount point, type and source of the filesystem holding ``path``."""
-    real = os.path.realpath(path)
-    best = {"mount": "?", "type": "?", "source": "?"}
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                source, mount, fstype = line.split()[:3]
-                mount = mount.replace("\\040", " ")
-                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-                if inside and (best["mount"] == "?" or len(mount) >= len(best["mount"])):
-                    best = {"mount": mount, "type": fstype, "source": source}
-    except OSError:
-        pass
-    return best
-
-
-def machine(context: cl.Context, directory: str) -> dict[str, Any]:
-    dev = context.devices[0]
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = 0
-    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as f:
-        mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    return {
-        "device": dev.name.strip(),
-        "platform": dev.platform.name,
-        "device_version": dev.version,
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "memory_bytes": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pyopencl": cl.VERSION_TEXT,
-        "gpubo": gpubo.__version__,
-        "store_dir": directory,
-        "filesystem": _filesystem(directory),
-    }
 
 
 def _fmt_ratio(row: dict[str, Any], name: str) -> str:
     return f"{row[name]['of_medians']:.2f}x" if name in row else "-"
-
-
-def _render(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-    lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in [headers, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def baseline_table(results: list[dict[str, Any]]) -> str:
@@ -572,7 +128,7 @@ def baseline_table(results: list[dict[str, Any]]) -> str:
                 for name in ("d2h", "h2d", "write", "write_fdatasync", "write_direct")
             ]
         )
-    return _render(headers, rows)
+    return render_table(headers, rows)
 
 
 def _case_cells(r: dict[str, Any], g: dict[str, Any]) -> list[str]:
@@ -597,7 +153,7 @@ def throughput_table(results: list[dict[str, Any]]) -> str:
                     _fmt_ratio(g, "restore_vs_h2d"),
                 ]
             )
-    return _render(headers, rows)
+    return render_table(headers, rows)
 
 
 def other_table(results: list[dict[str, Any]]) -> str:
@@ -618,7 +174,7 @@ def other_table(results: list[dict[str, Any]]) -> str:
                     f"{g['restore_fresh_buffer']['median_gbps']:.2f}",
                 ]
             )
-    return _render(headers, rows)
+    return render_table(headers, rows)
 
 
 def latency_table(results: list[dict[str, Any]]) -> str:
@@ -639,7 +195,7 @@ def latency_table(results: list[dict[str, Any]]) -> str:
                     f"{g['dirty_write_1_byte']['median_us']:.0f}",
                 ]
             )
-    return _render(headers, rows)
+    return render_table(headers, rows)
 
 
 def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -703,27 +259,6 @@ def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-@contextlib.contextmanager
-def bench_directory(parent: str) -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="gpubo-bench-", dir=parent)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _direct_ok(directory: str) -> bool:
-    """Whether the filesystem of ``directory`` takes O_DIRECT."""
-    path = os.path.join(directory, "probe-direct")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(path)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_sizes, default=[4 << 20, 64 << 20], help="e.g. 4MiB,64MiB")
@@ -758,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with bench_directory(parent) as directory:
         durabilities = list(args.durability)
-        if "direct" in durabilities and not _direct_ok(directory):
+        if "direct" in durabilities and not direct_ok(directory):
             durabilities.remove("direct")
             notes.append(f"direct skipped: the filesystem of {directory} refuses O_DIRECT")
         keys = case_keys(args.backends, durabilities)

@@ -1,4 +1,4 @@
-"""The ``gpubo`` command line: ``gpubo info``, ``gpubo stress`` and ``gpubo selftest``.
+"""The ``gpubo`` command line: ``gpubo info``, ``gpubo stress``, ``gpubo selftest`` and ``gpubo bench``.
 
 The CLI owns the terminal: everything here that talks to the user goes
 through ``click.echo`` (live progress goes to stderr, and only on a
@@ -952,6 +952,39 @@ def selftest(
     verdict = "PASS" if passed == len(results) else "FAIL"
     click.echo(f"selftest: {passed} of {len(results)} checks passed: {verdict}", err=as_json)
     click.get_current_context().exit(EXIT_OK if passed == len(results) else EXIT_CHECK_FAILED)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Small sizes and few reps (about 30 s).")
+@click.option("--full", is_flag=True, help="Every backend x durability x checksums case.")
+@click.option("--sizes", default=None, help="BO sizes, e.g. 4KiB,64KiB,1MiB,16MiB,64MiB.")
+@click.option("--reps", type=click.IntRange(min=1), default=None, help="Timed repetitions (median).")
+@click.option(
+    "--dir",
+    "parent_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Where stores go.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON results on stdout.")
+def bench(
+    quick: bool, full: bool, sizes: str | None, reps: int | None, parent_dir: str | None, as_json: bool
+) -> None:
+    """Measure eviction and restore against raw copies, the staged path, zict,
+    bookkeeping cost and an oversubscribed multiply (see gpubo.bench)."""
+    from gpubo import bench as bench_mod
+
+    try:
+        size_list = bench_mod.parse_sizes(sizes) if sizes else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--sizes") from e
+    cfg = bench_mod.config(quick=quick, full=full, sizes=size_list, reps=reps)
+    cfg.parent_dir = parent_dir
+    try:
+        results = bench_mod.run(cfg, None if as_json else lambda text: click.echo(f"... {text}", err=True))
+    except GpuboError as e:
+        raise _Failure(f"{type(e).__name__}: {e}") from e
+    click.echo(json.dumps(results, indent=2) if as_json else bench_mod.tables(results))
 
 
 # -- store commands -------------------------------------------------------------

@@ -1,0 +1,1270 @@
+"""``gpubo bench``: gpubo's eviction and restore side by side with the limits.
+
+One run measures, with several repetitions and medians (issue 6):
+
+1. ``limit``: raw blocking ``enqueue_copy`` D2H / H2D into preallocated host
+   arrays, and ``pwrite`` + ``fdatasync`` of the same bytes (the durable limit);
+2. ``throughput``: gpubo eviction and restore per BO size, store backend,
+   durability and checksum setting, in GB/s and as a ratio to (1) (each BO is
+   dirtied by a 1-byte write before a timed eviction, so it really copies);
+3. ``staged``: download into a freshly allocated host array and
+   ``store.write`` that array, against gpubo's direct path; time, and host
+   memory allocated while evicting (tracemalloc peak, RSS and anonymous RSS
+   growth);
+4. ``zict``: ``zict.Buffer`` over a dict with a pickling ``zict.File`` slow
+   tier spilling and unspilling the same arrays, against gpubo evict+restore
+   (skipped, and said so, when zict is not importable: ``pip install gpubo[bench]``);
+5. ``bookkeeping``: a ``read`` of a 4 KiB resident BO and an eviction decision
+   (``mgr.evict`` of one tiny BO) with 1,000 / 10,000 / 100,000 live BOs;
+6. ``gemm``: a blocked matrix multiply (``demos/out_of_core_gemm.py``) with
+   operands 4x the budget, against the same multiply with everything resident.
+
+The measuring functions return plain data (JSON-ready dicts); printing lives
+in :func:`main` (``python -m gpubo.bench``) and the ``gpubo bench`` command.
+The per-size eviction/restore machinery (:class:`Baselines`,
+:class:`GpuboCase`, :func:`bench_size`) is shared with
+``benchmarks/evict_restore.py``, the detailed benchmark of issue 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import mmap
+import os
+import pickle
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+
+import gpubo
+from gpubo import BufferObject, Manager, State
+from gpubo.backends import OpenCLBackend
+from gpubo.store import open_store
+
+# -- shared with benchmarks/evict_restore.py -----------------------------------
+
+BACKENDS = ("lmdb", "slotfile")
+DURABILITIES = ("lazy", "sync", "direct")
+#: Which durability modes each backend can do.
+SUPPORTED = {"lmdb": ("lazy", "sync"), "slotfile": ("lazy", "sync", "direct")}
+#: Restores that allocate a fresh device buffer are slow; a few are enough.
+FRESH_BUFFER_REPS = 3
+PAGE = 4096
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@dataclass
+class Series:
+    """Timings (seconds) of one operation on ``nbytes``; the first ``warmup`` are not counted."""
+
+    nbytes: int
+    warmup: int
+    samples_s: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float) -> None:
+        self.samples_s.append(seconds)
+
+    @property
+    def steady_s(self) -> list[float]:
+        return self.samples_s[self.warmup :]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.steady_s)
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.median_s / 1e9
+
+    @property
+    def first_gbps(self) -> float:
+        return self.nbytes / self.samples_s[0] / 1e9
+
+    def to_json(self, throughput: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"median_s": self.median_s, "median_us": self.median_s * 1e6}
+        if throughput:
+            out["median_gbps"] = self.gbps
+            out["first_gbps"] = self.first_gbps
+        out["samples_s"] = self.samples_s
+        out["warmup"] = self.warmup
+        return out
+
+
+def ratio(gpubo_series: Series, baseline: Series) -> dict[str, float]:
+    """gpubo throughput over the baseline's: of the medians (the headline), the
+    median of per-rep ratios, and of the best reps (what a quiet machine allows)."""
+    g, b = gpubo_series.steady_s, baseline.steady_s
+    paired = [bs / gs for gs, bs in zip(g, b, strict=False)]
+    return {
+        "of_medians": statistics.median(b) / statistics.median(g),
+        "median_paired": statistics.median(paired),
+        "of_best": min(b) / min(g),
+    }
+
+
+# -- baselines -----------------------------------------------------------------
+
+
+class RawCopy:
+    """Raw blocking ``enqueue_copy`` both ways between a device buffer and a host array."""
+
+    def __init__(self, context: cl.Context, queue: cl.CommandQueue, host: np.ndarray) -> None:
+        self.queue = queue
+        self.host = host
+        self.buf = cl.Buffer(context, cl.mem_flags.READ_WRITE, host.nbytes)
+        cl.enqueue_copy(queue, self.buf, self.host, is_blocking=True)
+
+    def d2h(self) -> None:
+        cl.enqueue_copy(self.queue, self.host, self.buf, is_blocking=True)
+
+    def h2d(self) -> None:
+        cl.enqueue_copy(self.queue, self.buf, self.host, is_blocking=True)
+
+    def release(self) -> None:
+        self.buf.release()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"short write ({done} of {len(data)} bytes)")
+        done += n
+
+
+class FileWrite:
+    """Plain file writes of the same bytes into preallocated files in ``directory``.
+
+    Both files are preallocated and written once before any timing, as a
+    store's slots are after their first use (no extent conversion in the
+    timings).
+    """
+
+    def __init__(self, directory: str, host: np.ndarray, direct: bool) -> None:
+        self.nbytes = host.nbytes
+        self.src = host.data.cast("B")
+        self.path = os.path.join(directory, f"baseline-{self.nbytes}.bin")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.posix_fallocate(self.fd, 0, self.nbytes)
+        self.write_fdatasync()
+        self.direct_fd = -1
+        self.aligned: mmap.mmap | None = None
+        if direct:
+            padded = -(-self.nbytes // PAGE) * PAGE  # O_DIRECT wants whole blocks
+            self.direct_path = os.path.join(directory, f"baseline-direct-{self.nbytes}.bin")
+            fd = os.open(self.direct_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, padded)
+            finally:
+                os.close(fd)
+            self.direct_fd = os.open(self.direct_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            self.aligned = mmap.mmap(-1, padded)  # page-aligned, like gpubo's bounce buffer
+            np.frombuffer(self.aligned, np.uint8)[: self.nbytes] = host
+            self.write_direct()
+
+    def write(self) -> None:
+        _pwrite_all(self.fd, self.src, 0)
+
+    def write_fdatasync(self) -> None:
+        _pwrite_all(self.fd, self.src, 0)
+        os.fdatasync(self.fd)
+
+    def write_direct(self) -> None:
+        assert self.aligned is not None
+        _pwrite_all(self.direct_fd, memoryview(self.aligned), 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+        if self.aligned is not None:
+            self.aligned.close()
+
+
+# -- gpubo ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaseKey:
+    backend: str
+    durability: str
+    checksums: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.durability}/checksums {'on' if self.checksums else 'off'}"
+
+
+class Baselines:
+    """Every baseline of one size; each measurement is also kept in ``all`` (timed reps only)."""
+
+    def __init__(self, context: cl.Context, directory: str, nbytes: int, direct: bool) -> None:
+        self.queue = cl.CommandQueue(context)
+        host = np.full(nbytes, 0x5A, np.uint8)  # touched: no page faults in the timings
+        self.raw = RawCopy(context, self.queue, host)
+        self.files = FileWrite(directory, host, direct)
+        self.ops: dict[str, Callable[[], None]] = {
+            "d2h": self.raw.d2h,
+            "h2d": self.raw.h2d,
+            "write": self.files.write,
+            "write_fdatasync": self.files.write_fdatasync,
+        }
+        if direct:
+            self.ops["write_direct"] = self.files.write_direct
+        self.all = {name: Series(nbytes, 0) for name in self.ops}
+        self.steady = False  # set once the warm-up reps are over
+
+    def run(self, name: str) -> float:
+        seconds = timed(self.ops[name])
+        if self.steady:
+            self.all[name].add(seconds)
+        return seconds
+
+    def close(self) -> None:
+        self.raw.release()
+        self.files.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.files.path)
+        if hasattr(self.files, "direct_path"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.files.direct_path)
+
+
+def _state(bo: BufferObject) -> State:
+    return bo.state
+
+
+class GpuboCase:
+    """One manager with one BO of non-zero data, evicted and restored over and over.
+
+    Each timed eviction and restore is preceded by its baseline (raw D2H
+    before an eviction, raw H2D before a restore, and for ``sync`` and
+    ``direct`` the durable write too), so that every ratio compares
+    measurements taken moments apart.
+    """
+
+    def __init__(self, key: CaseKey, nbytes: int, directory: str, context: cl.Context, warmup: int) -> None:
+        self.key = key
+        self.nbytes = nbytes
+        self.store_dir = os.path.join(
+            directory, f"{key.backend}-{key.durability}-{'cs' if key.checksums else 'nocs'}-{nbytes}"
+        )
+        # Room for the BO, a zero BO and a pooled buffer; a store that holds
+        # both BOs' entries plus LMDB's copy-on-write transit.
+        self.mgr = Manager(
+            4 * nbytes,
+            store=self.store_dir,
+            store_size=4 * nbytes + (64 << 20),
+            device=context,
+            store_backend=key.backend,
+            durability=key.durability,
+            checksums=key.checksums,
+        )
+        self.expected = np.arange(nbytes // 4, dtype=np.uint32)  # no zero page
+        self.first_byte = self.expected.view(np.uint8)[:1].copy()
+        self.zeros = np.zeros(nbytes, np.uint8)
+        self.bo: BufferObject = self.mgr.alloc(nbytes)
+        self.bo.write(self.expected)
+        # The store's data file, to write its cached pages back (lazy only; see rep()).
+        data = os.path.join(self.store_dir, "slots.bin" if key.backend == "slotfile" else "data.mdb")
+        self.data_file = data if key.durability == "lazy" and os.path.exists(data) else None
+        w = warmup
+        self.series = {
+            name: Series(nbytes, w)
+            for name in (
+                "dirty", "evict", "restore", "clean_evict", "zero_untouched", "zero_written",
+                "evict_after_writeback", "d2h", "h2d", "d2h_writeback", "durable",
+            )
+        }  # fmt: skip
+        self.fresh = Series(nbytes, 0)
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.series[name].add(seconds)
+
+    def _evicted(self) -> int:
+        return self.mgr.stats().bytes_evicted
+
+    def _timed_evict(self, bo: BufferObject, copies: int) -> float:
+        """Time ``bo.evict()``, checking that it copied exactly ``copies`` bytes into the store."""
+        assert bo.state is State.RESIDENT
+        before = self._evicted()
+        seconds = timed(bo.evict)
+        copied = self._evicted() - before
+        if _state(bo) is not State.SWAPPED or copied != copies:
+            raise SystemExit(
+                f"{self.key.label}: an eviction copied {copied} bytes, expected {copies}: benchmark invalid"
+            )
+        return seconds
+
+    def _restore(self) -> float:
+        """Time ``bo.restore()`` with a pooled device buffer of the BO's size."""
+        assert self.bo.state is State.SWAPPED
+        if self.mgr.stats().pooled_bytes < self.nbytes:
+            self.mgr.alloc(self.nbytes).free()  # a freed BO's buffer stays pooled for reuse
+        return timed(self.bo.restore)
+
+    def _dirty(self) -> float:
+        """Make the BO differ from its swap-cache copy, so the next eviction copies."""
+        return timed(lambda: self.bo.write(self.first_byte, 0))
+
+    def rep(self, base: Baselines) -> None:
+        self._add("dirty", self._dirty())
+        if self.key.durability == "sync":
+            self._add("durable", base.run("write_fdatasync"))
+        elif self.key.durability == "direct":
+            self._add("durable", base.run("write_direct"))
+        self._add("d2h", base.run("d2h"))
+        self._add("evict", self._timed_evict(self.bo, self.nbytes))
+        self._add("h2d", base.run("h2d"))
+        self._add("restore", self._restore())
+        # Clean: restored and unchanged, the swap cache holds its bytes.
+        self._add("clean_evict", self._timed_evict(self.bo, 0))
+        self._restore()
+        # Zero BOs: fresh (known zero) and written with zeros (zero-page scan).
+        zero = self.mgr.alloc(self.nbytes)
+        self._add("zero_untouched", self._timed_evict(zero, 0))
+        zero.free()
+        zero = self.mgr.alloc(self.nbytes)
+        zero.write(self.zeros)
+        self._add("zero_written", self._timed_evict(zero, 0))
+        zero.free()
+
+    def writeback_rep(self, base: Baselines) -> None:
+        """Lazy only: evict once the OS has written the store's pages back (as
+        its flusher does for a file dirty for ~30 s), so that the mapped pages
+        are clean and write-protected again. The write-back is forced here,
+        untimed. A separate phase: with LMDB's copy-on-write pages it would
+        otherwise slow the next rep's ordinary eviction too."""
+        assert self.data_file is not None
+        self._dirty()
+        fd = os.open(self.data_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self._add("d2h_writeback", base.run("d2h"))
+        self._add("evict_after_writeback", self._timed_evict(self.bo, self.nbytes))
+        self._restore()
+
+    def fresh_restores(self) -> None:
+        """Restores that allocate a fresh device buffer (the pool drained first)."""
+        for _ in range(FRESH_BUFFER_REPS):
+            self.bo.evict()
+            self.mgr.evict(self.nbytes)  # drains the pool: the restore must allocate
+            self.fresh.add(timed(self.bo.restore))
+
+    def check(self) -> None:
+        if not np.array_equal(self.bo.read(np.uint32), self.expected):
+            raise SystemExit(f"{self.key.label}: bytes changed after evict/restore of {self.nbytes}: invalid")
+
+    def close(self) -> None:
+        self.mgr.close()
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def to_json(self) -> dict[str, Any]:
+        key, s = self.key, self.series
+        row: dict[str, Any] = {
+            "backend": key.backend,
+            "durability": key.durability,
+            "checksums": key.checksums,
+            "evict": s["evict"].to_json(),
+            "restore": s["restore"].to_json(),
+            "dirty_write_1_byte": s["dirty"].to_json(throughput=False),
+            "clean_reevict": s["clean_evict"].to_json(throughput=False),
+            "zero_untouched_evict": s["zero_untouched"].to_json(throughput=False),
+            "zero_written_evict": s["zero_written"].to_json(throughput=False),
+            "paired_raw_d2h": s["d2h"].to_json(),
+            "paired_raw_h2d": s["h2d"].to_json(),
+            "evict_vs_d2h": ratio(s["evict"], s["d2h"]),
+            "restore_vs_h2d": ratio(s["restore"], s["h2d"]),
+            "zero_written_evict_vs_d2h": ratio(s["zero_written"], s["d2h"]),
+        }
+        if self.fresh.samples_s:
+            row["restore_fresh_buffer"] = self.fresh.to_json()
+        if s["durable"].samples_s:
+            row["durable_baseline"] = "write_fdatasync" if key.durability == "sync" else "write_direct"
+            row["paired_durable"] = s["durable"].to_json()
+            row["evict_vs_durable"] = ratio(s["evict"], s["durable"])
+        if s["evict_after_writeback"].samples_s:
+            row["evict_after_writeback"] = s["evict_after_writeback"].to_json()
+            row["paired_raw_d2h_writeback"] = s["d2h_writeback"].to_json()
+            row["evict_after_writeback_vs_d2h"] = ratio(s["evict_after_writeback"], s["d2h_writeback"])
+        return row
+
+
+def case_keys(backends: list[str], durabilities: list[str]) -> list[CaseKey]:
+    return [
+        CaseKey(b, d, cs) for b in backends for d in durabilities if d in SUPPORTED[b] for cs in (False, True)
+    ]
+
+
+def bench_size(
+    nbytes: int, reps: int, warmup: int, context: cl.Context, keys: list[CaseKey], directory: str
+) -> dict[str, Any]:
+    """All measurements for one BO size, interleaved rep by rep."""
+    base = Baselines(context, directory, nbytes, direct=any(k.durability == "direct" for k in keys))
+    cases: list[GpuboCase] = []
+    try:
+        for key in keys:
+            cases.append(GpuboCase(key, nbytes, directory, context, warmup))
+        for rep in range(warmup + reps):
+            base.steady = rep >= warmup
+            base.run("write")  # informational: a plain write into the page cache
+            shift = rep % len(cases)
+            for case in cases[shift:] + cases[:shift]:
+                case.rep(base)
+        lazy = [case for case in cases if case.data_file is not None]
+        for rep in range(warmup + reps if lazy else 0):
+            base.steady = False  # these D2H copies are not part of the baseline table
+            shift = rep % len(lazy)
+            for case in lazy[shift:] + lazy[:shift]:
+                case.writeback_rep(base)
+        for case in cases:
+            case.fresh_restores()
+            case.check()
+    finally:
+        base.close()
+        for case in cases:
+            case.close()
+    return {
+        "nbytes": nbytes,
+        "baselines": {name: s.to_json() for name, s in base.all.items() if s.samples_s},
+        "gpubo": [case.to_json() for case in cases],
+    }
+
+
+def _filesystem(path: str) -> dict[str, str]:
+    """Mount point, type and source of the filesystem holding ``path``."""
+    real = os.path.realpath(path)
+    best = {"mount": "?", "type": "?", "source": "?"}
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                source, mount, fstype = line.split()[:3]
+                mount = mount.replace("\\040", " ")
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and (best["mount"] == "?" or len(mount) >= len(best["mount"])):
+                    best = {"mount": mount, "type": fstype, "source": source}
+    except OSError:
+        pass
+    return best
+
+
+def machine(context: cl.Context, directory: str) -> dict[str, Any]:
+    dev = context.devices[0]
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem = 0
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as f:
+        mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    return {
+        "device": dev.name.strip(),
+        "platform": dev.platform.name,
+        "device_version": dev.version,
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pyopencl": cl.VERSION_TEXT,
+        "gpubo": gpubo.__version__,
+        "store_dir": directory,
+        "filesystem": _filesystem(directory),
+    }
+
+
+def _fmt_ratio(row: dict[str, Any], name: str) -> str:
+    return f"{row[name]['of_medians']:.2f}x" if name in row else "-"
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def bench_directory(parent: str) -> Iterator[str]:
+    directory = tempfile.mkdtemp(prefix="gpubo-bench-", dir=parent)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def direct_ok(directory: str) -> bool:
+    """Whether the filesystem of ``directory`` takes O_DIRECT."""
+    path = os.path.join(directory, "probe-direct")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(path)
+    return True
+
+
+# -- gpubo bench ---------------------------------------------------------------
+
+KiB = 1 << 10
+MiB = 1 << 20
+DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
+QUICK_SIZES = [4 * KiB, 1 * MiB, 16 * MiB]
+#: The goals of issue 6 (ratios in one run; reported, never asserted).
+GOAL_EVICT = 0.90
+GOAL_EVICT_CHECKSUMS = 0.85
+GOAL_STAGED = 1.5
+GOAL_HOST_ALLOC = 0.01
+GOAL_ZICT = 2.0
+GOAL_SMALL_EVICTIONS_PER_S = 50_000
+GOAL_BOOKKEEPING_FLAT = 1.5
+GOAL_GEMM = 0.8
+
+
+@dataclass
+class BenchConfig:
+    """What one ``gpubo bench`` run measures; :func:`config` gives the presets."""
+
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    cases: list[CaseKey] = field(default_factory=list)
+    reps: int = 5
+    warmup: int = 1
+    staged_total: int = 1024 * MiB
+    staged_chunk: int = 16 * MiB
+    staged_reps: int = 3
+    zict_total: int = 256 * MiB
+    zict_chunk: int = 4 * MiB
+    bookkeeping_counts: list[int] = field(default_factory=lambda: [1_000, 10_000, 100_000])
+    bookkeeping_reps: int = 200
+    gemm_n: int = 1024
+    gemm_tile: int = 256
+    gemm_reps: int = 3
+    parent_dir: str | None = None
+
+
+def config(
+    quick: bool = False, full: bool = False, sizes: list[int] | None = None, reps: int | None = None
+) -> BenchConfig:
+    """The default preset (about 2 to 3 minutes on 2 cores), ``quick`` (about 30 s)
+    or ``full`` (every backend x durability x checksums case)."""
+    durabilities = list(DURABILITIES) if full else ["lazy"]
+    cfg = BenchConfig(cases=case_keys(list(BACKENDS), durabilities))
+    if quick:
+        cfg.sizes = list(QUICK_SIZES)
+        cfg.reps, cfg.warmup = 3, 1
+        cfg.staged_total, cfg.staged_chunk, cfg.staged_reps = 64 * MiB, 8 * MiB, 2
+        cfg.zict_total, cfg.zict_chunk = 32 * MiB, 2 * MiB
+        cfg.bookkeeping_counts = [1_000, 10_000]
+        cfg.bookkeeping_reps = 50
+        cfg.gemm_n, cfg.gemm_tile, cfg.gemm_reps = 512, 128, 1
+    if sizes is not None:
+        cfg.sizes = list(sizes)
+    if reps is not None:
+        cfg.reps = reps
+    return cfg
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _status_bytes(field_name: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``RssAnon``) in bytes; 0 if unknown."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def _host_memory() -> Iterator[dict[str, int]]:
+    """Host memory allocated inside the block: tracemalloc peak, RSS and RssAnon growth."""
+    out: dict[str, int] = {}
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base_traced = tracemalloc.get_traced_memory()[0]
+    rss, anon = _status_bytes("VmRSS"), _status_bytes("RssAnon")
+    try:
+        yield out
+    finally:
+        out["tracemalloc_peak_bytes"] = max(0, tracemalloc.get_traced_memory()[1] - base_traced)
+        out["rss_growth_bytes"] = max(0, _status_bytes("VmRSS") - rss)
+        out["rss_anon_growth_bytes"] = max(0, _status_bytes("RssAnon") - anon)
+        if not was_tracing:
+            tracemalloc.stop()
+
+
+# 1 and 2: the limit, and eviction / restore throughput -------------------------
+
+
+def bench_throughput(
+    context: cl.Context, directory: str, nbytes: int, keys: list[CaseKey], reps: int, warmup: int
+) -> dict[str, Any]:
+    """The limit (raw D2H/H2D, write+fdatasync) and gpubo's eviction and restore
+    of one BO of ``nbytes`` for each case, interleaved rep by rep (the case order
+    rotates), each gpubo call right after its paired baseline (see :class:`GpuboCase`)."""
+    base = Baselines(context, directory, nbytes, direct=any(k.durability == "direct" for k in keys))
+    cases: list[GpuboCase] = []
+    try:
+        cases = [GpuboCase(key, nbytes, directory, context, warmup) for key in keys]
+        for rep in range(warmup + reps):
+            base.steady = rep >= warmup
+            base.run("write_fdatasync")
+            shift = rep % len(cases)
+            for case in cases[shift:] + cases[:shift]:
+                case.rep(base)
+        for case in cases:
+            case.check()
+        rows = [case.to_json() for case in cases]
+    finally:
+        base.close()
+        for case in cases:
+            case.close()
+    limit = {name: base.all[name].to_json() for name in ("d2h", "h2d", "write_fdatasync")}
+    for row in rows:
+        row["evictions_per_s"] = 1.0 / row["evict"]["median_s"]
+        row["restores_per_s"] = 1.0 / row["restore"]["median_s"]
+    return {"nbytes": nbytes, "limit": limit, "cases": rows}
+
+
+# 3: the staged path against the direct one ------------------------------------
+
+
+def _patterned(nbytes: int, seed: int) -> np.ndarray:
+    """Non-zero, per-BO distinct bytes (no zero pages to skip)."""
+    data = np.arange(nbytes // 4, dtype=np.uint32)
+    data += np.uint32(seed * 7919 + 1)
+    return data
+
+
+def bench_staged(
+    context: cl.Context, directory: str, key: CaseKey, total: int, chunk: int, reps: int
+) -> dict[str, Any]:
+    """Evict ``total`` bytes as BOs of ``chunk`` bytes, gpubo's direct path against
+    the staged path (``enqueue_copy`` into a fresh ``np.empty`` array, then
+    ``store.write(memoryview(array))`` into a store of the same kind). Each rep
+    rewrites every BO's first byte first (gpubo) or releases the previous rep's
+    entries (staged), so every rep copies all bytes. Host memory is measured on
+    the last rep."""
+    count = max(1, total // chunk)
+    total = count * chunk
+    store_size = 2 * total + (64 << 20)
+    queue = cl.CommandQueue(context)
+    direct_s: list[float] = []
+    staged_s: list[float] = []
+    direct_mem: dict[str, int] = {}
+    staged_mem: dict[str, int] = {}
+    # gpubo's direct path.
+    mgr = Manager(
+        total + chunk,
+        store=os.path.join(directory, "staged-gpubo"),
+        store_size=store_size,
+        device=context,
+        store_backend=key.backend,
+        durability=key.durability,
+        checksums=key.checksums,
+    )
+    try:
+        bos = []
+        for i in range(count):
+            bo = mgr.alloc(chunk)
+            bo.write(_patterned(chunk, i))
+            bos.append(bo)
+        one = np.ones(1, np.uint8)
+        for rep in range(reps + 1):  # rep 0 warms the store's pages up
+            for bo in bos:
+                if bo.state is not State.RESIDENT:
+                    bo.restore()
+                bo.write(one, 0)
+            before = mgr.stats().bytes_evicted
+            with _host_memory() as mem:
+                start = time.perf_counter()
+                for bo in bos:
+                    bo.evict()
+                seconds = time.perf_counter() - start
+            if mgr.stats().bytes_evicted - before != total:
+                raise RuntimeError("staged benchmark: gpubo's evictions did not copy every byte")
+            if rep:
+                direct_s.append(seconds)
+                direct_mem = mem
+    finally:
+        mgr.close()
+    # The staged path, into a store of the same backend, durability and checksums.
+    store = open_store(
+        os.path.join(directory, "staged-store"),
+        store_size,
+        backend=key.backend,
+        checksums=key.checksums,
+        durability=key.durability,
+    )
+    bufs = []
+    try:
+        for i in range(count):
+            buf = cl.Buffer(context, cl.mem_flags.READ_WRITE, chunk)
+            cl.enqueue_copy(queue, buf, _patterned(chunk, i), is_blocking=True)
+            bufs.append(buf)
+        entries: list[Any] = []
+        for rep in range(reps + 1):
+            for entry in entries:
+                store.release(entry)
+            entries = []
+            with _host_memory() as mem:
+                start = time.perf_counter()
+                for buf in bufs:
+                    host = np.empty(chunk, np.uint8)
+                    cl.enqueue_copy(queue, host, buf, is_blocking=True)
+                    entries.append(store.write(host.data))  # memoryview(host)
+                    del host
+                seconds = time.perf_counter() - start
+            if rep:
+                staged_s.append(seconds)
+                staged_mem = mem
+    finally:
+        for buf in bufs:
+            buf.release()
+        store.close()
+    d, s = _median(direct_s), _median(staged_s)
+    return {
+        "case": key.label,
+        "total_bytes": total,
+        "chunk_bytes": chunk,
+        "reps": reps,
+        "direct": {"median_s": d, "gbps": total / d / 1e9, "samples_s": direct_s, **direct_mem},
+        "staged": {"median_s": s, "gbps": total / s / 1e9, "samples_s": staged_s, **staged_mem},
+        "direct_vs_staged": s / d,
+        "direct_alloc_fraction": direct_mem["tracemalloc_peak_bytes"] / total,
+        "staged_alloc_fraction": staged_mem["tracemalloc_peak_bytes"] / total,
+    }
+
+
+# 4: zict ------------------------------------------------------------------------
+
+
+def zict_available() -> bool:
+    return importlib.util.find_spec("zict") is not None
+
+
+def bench_zict(
+    context: cl.Context, directory: str, key: CaseKey, total: int, chunk: int, reps: int
+) -> dict[str, Any]:
+    """Spill and unspill the same numpy arrays through ``zict.Buffer(fast=dict,
+    slow=zict.Func(pickle.dumps, pickle.loads, zict.File(dir)))`` and through
+    gpubo (evict every BO, then restore every BO), ``reps`` times each; the
+    round trip is spill + unspill. Returns ``{"available": False}`` without zict."""
+    if not zict_available():
+        return {"available": False, "reason": "zict is not importable (pip install 'gpubo[bench]')"}
+    import zict
+
+    count = max(1, total // chunk)
+    total = count * chunk
+    arrays = {f"a{i}": _patterned(chunk, i).view(np.uint8) for i in range(count)}
+    zdir = os.path.join(directory, "zict")
+    spill_s: list[float] = []
+    unspill_s: list[float] = []
+    for _ in range(reps + 1):
+        shutil.rmtree(zdir, ignore_errors=True)
+        slow = zict.Func(pickle.dumps, pickle.loads, zict.File(zdir))
+        buf = zict.Buffer({}, slow, n=total + 1, weight=lambda k, v: v.nbytes)
+        for name, arr in arrays.items():
+            buf[name] = arr.copy()
+        start = time.perf_counter()
+        while buf.fast:
+            buf.fast.evict()
+        spilled = time.perf_counter() - start
+        if len(buf.slow) != count:
+            raise RuntimeError("zict benchmark: not everything spilled")
+        start = time.perf_counter()
+        back = [buf[name] for name in arrays]
+        unspilled = time.perf_counter() - start
+        if len(buf.fast) != count or not np.array_equal(back[-1], arrays[f"a{count - 1}"]):
+            raise RuntimeError("zict benchmark: unspill went wrong")
+        del back
+        buf.close()
+        spill_s.append(spilled)
+        unspill_s.append(unspilled)
+    spill_s, unspill_s = spill_s[1:], unspill_s[1:]
+    evict_s: list[float] = []
+    restore_s: list[float] = []
+    mgr = Manager(
+        total + chunk,
+        store=os.path.join(directory, "zict-gpubo"),
+        store_size=2 * total + (64 << 20),
+        device=context,
+        store_backend=key.backend,
+        durability=key.durability,
+        checksums=key.checksums,
+    )
+    try:
+        bos = []
+        for arr in arrays.values():
+            bo = mgr.alloc(chunk)
+            bo.write(arr)
+            bos.append(bo)
+        for rep in range(reps + 1):
+            for bo in bos:
+                bo.write(arrays["a0"][:1], 0)  # dirty: the eviction copies
+            start = time.perf_counter()
+            for bo in bos:
+                bo.evict()
+            evicted = time.perf_counter() - start
+            start = time.perf_counter()
+            for bo in bos:
+                bo.restore()
+            restored = time.perf_counter() - start
+            if rep:
+                evict_s.append(evicted)
+                restore_s.append(restored)
+    finally:
+        mgr.close()
+    z = _median([a + b for a, b in zip(spill_s, unspill_s, strict=True)])
+    g = _median([a + b for a, b in zip(evict_s, restore_s, strict=True)])
+    return {
+        "available": True,
+        "zict_version": getattr(zict, "__version__", "?"),
+        "case": key.label,
+        "total_bytes": total,
+        "chunk_bytes": chunk,
+        "reps": reps,
+        "zict_spill_s": _median(spill_s),
+        "zict_unspill_s": _median(unspill_s),
+        "zict_round_trip_s": z,
+        "gpubo_evict_s": _median(evict_s),
+        "gpubo_restore_s": _median(restore_s),
+        "gpubo_round_trip_s": g,
+        "gpubo_vs_zict": z / g,
+    }
+
+
+# 5: bookkeeping -------------------------------------------------------------------
+
+
+def bench_bookkeeping(context: cl.Context, directory: str, count: int, reps: int) -> dict[str, Any]:
+    """With ``count`` live tiny (64-byte) BOs, all resident and the budget full:
+    the median time of ``read`` of a resident 4 KiB BO, and of ``mgr.evict(1)``
+    (one eviction decision: pick the LRU victim and evict it; a tiny copy). The
+    pool is drained, untimed, before each timed eviction so that the call must
+    choose a victim."""
+    tiny = 64
+    store_dir = os.path.join(directory, f"bookkeeping-{count}")
+    mgr = Manager(
+        count * tiny + 4 * KiB,
+        store=store_dir,
+        store_size=max(64 << 20, 4 * count * 4 * KiB),
+        device=context,
+        store_backend="slotfile",
+        checksums=False,
+    )
+    try:
+        start = time.perf_counter()
+        probe = mgr.alloc(4 * KiB)
+        probe.write(np.ones(4 * KiB, np.uint8))
+        for _ in range(count):
+            mgr.alloc(tiny)
+        setup_s = time.perf_counter() - start
+        out = np.empty(4 * KiB, np.uint8)
+        read_s = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            probe.read(out=out)
+            read_s.append(time.perf_counter() - start)
+        evict_s = []
+        for _ in range(min(reps, count // 2)):
+            pooled = mgr.stats().pooled_bytes
+            if pooled:
+                mgr.evict(pooled)
+            before = mgr.stats().evictions
+            start = time.perf_counter()
+            mgr.evict(1)
+            evict_s.append(time.perf_counter() - start)
+            if mgr.stats().evictions != before + 1:
+                raise RuntimeError("bookkeeping benchmark: mgr.evict(1) did not evict exactly one BO")
+            probe.read(out=out)  # keep the probe at the LRU tail
+        live = mgr.stats().bo_count
+    finally:
+        mgr.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
+    return {
+        "bos": count,
+        "live_bos": live,
+        "setup_s": setup_s,
+        "read_4k_us": _median(read_s) * 1e6,
+        "evict_decision_us": _median(evict_s) * 1e6,
+        "reps": reps,
+    }
+
+
+# 6: the oversubscribed blocked multiply --------------------------------------------
+
+
+def _gemm_demo() -> ModuleType | None:
+    """``demos/out_of_core_gemm.py`` of the source tree, if there is one."""
+    path = Path(__file__).resolve().parent.parent / "demos" / "out_of_core_gemm.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("gpubo_bench_out_of_core_gemm", path)
+    if spec is None or spec.loader is None:
+        return None
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[spec.name]
+            raise
+    return module
+
+
+def bench_gemm(n: int, tile: int, reps: int, depth: int = 1) -> dict[str, Any]:
+    """The demo's blocked multiply with A, B and C 4x the budget (prefetching
+    ``depth`` steps ahead) against a budget holding every tile; the multiply
+    phase's median time of each, and their ratio (in memory over oversubscribed:
+    1.0 means no slowdown)."""
+    demo = _gemm_demo()
+    if demo is None:
+        return {"available": False, "reason": "demos/out_of_core_gemm.py not found (not a source tree)"}
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a_tiles, b_tiles = demo.tiles_of(a, tile), demo.tiles_of(b, tile)
+    total = 3 * n * n * 4
+    store_size = max(64 << 20, 2 * total)
+    expected = a @ b
+    out: dict[str, Any] = {"available": True, "n": n, "tile": tile, "depth": depth, "total_bytes": total}
+    for label, budget in (("oversubscribed", total // 4), ("in_memory", total)):
+        times, ends, evictions = [], [], 0
+        for _ in range(reps):
+            run = demo.multiply(a_tiles, b_tiles, tile, budget, depth, store_size)
+            if not np.allclose(run.product, expected, rtol=1e-4, atol=1e-6 * n):
+                raise RuntimeError(f"gemm benchmark: {label} product does not match numpy")
+            times.append(run.multiply_s)
+            ends.append(run.upload_s + run.multiply_s + run.download_s)
+            evictions = run.multiply_evictions
+        out[label] = {
+            "budget_bytes": budget,
+            "multiply_s": _median(times),
+            "end_to_end_s": _median(ends),
+            "multiply_evictions": evictions,
+            "samples_s": times,
+        }
+    out["speed_ratio"] = out["in_memory"]["multiply_s"] / out["oversubscribed"]["multiply_s"]
+    out["end_to_end_speed_ratio"] = out["in_memory"]["end_to_end_s"] / out["oversubscribed"]["end_to_end_s"]
+    return out
+
+
+# -- one run -----------------------------------------------------------------------
+
+
+def _staged_key(cfg: BenchConfig) -> CaseKey:
+    """The case the staged, zict and oversubscription sections use: slotfile lazy
+    with checksums if measured, else the first case."""
+    want = CaseKey("slotfile", "lazy", True)
+    return want if want in cfg.cases else cfg.cases[0]
+
+
+def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every section of ``cfg``; return the JSON-ready results."""
+    say = progress or (lambda _text: None)
+    probe = OpenCLBackend(None)  # the device Manager(device=None) picks
+    context = probe.context
+    parent = cfg.parent_dir if cfg.parent_dir is not None else tempfile.gettempdir()
+    start = time.perf_counter()
+    key = _staged_key(cfg)
+    with bench_directory(parent) as directory:
+        info = machine(context, directory)
+        throughput = []
+        for n in cfg.sizes:
+            say(f"throughput: {gpubo.format_bytes(n)}")
+            throughput.append(bench_throughput(context, directory, n, cfg.cases, cfg.reps, cfg.warmup))
+        say("staged vs direct")
+        staged = bench_staged(context, directory, key, cfg.staged_total, cfg.staged_chunk, cfg.staged_reps)
+        say("zict")
+        peer = bench_zict(context, directory, key, cfg.zict_total, cfg.zict_chunk, cfg.staged_reps)
+        bookkeeping = []
+        for count in cfg.bookkeeping_counts:
+            say(f"bookkeeping: {count} BOs")
+            bookkeeping.append(bench_bookkeeping(context, directory, count, cfg.bookkeeping_reps))
+        say("gemm")
+        gemm = bench_gemm(cfg.gemm_n, cfg.gemm_tile, cfg.gemm_reps)
+    results: dict[str, Any] = {
+        "machine": info,
+        "config": {
+            "sizes": cfg.sizes,
+            "cases": [k.label for k in cfg.cases],
+            "reps": cfg.reps,
+            "warmup": cfg.warmup,
+        },
+        "limit": [{"nbytes": t["nbytes"], **t["limit"]} for t in throughput],
+        "throughput": [{"nbytes": t["nbytes"], "cases": t["cases"]} for t in throughput],
+        "staged": staged,
+        "zict": peer,
+        "bookkeeping": bookkeeping,
+        "gemm": gemm,
+    }
+    results["goals"] = goals(results)
+    results["elapsed_s"] = time.perf_counter() - start
+    return results
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 6's goals, each with the measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+
+    def add(goal: str, value: float, minimum: float, unit: str = "x", higher: bool = True) -> None:
+        met = value >= minimum if higher else value <= minimum
+        out.append(
+            {"goal": goal, "value": value, "target": minimum, "unit": unit, "higher": higher, "met": met}
+        )
+
+    for t in results["throughput"]:
+        if t["nbytes"] < MiB:
+            continue
+        for c in t["cases"]:
+            minimum = GOAL_EVICT_CHECKSUMS if c["checksums"] else GOAL_EVICT
+            where = f"{gpubo.format_bytes(t['nbytes'])} {c['backend']}/{c['durability']}"
+            where += f"/checksums {'on' if c['checksums'] else 'off'}"
+            add(f"evict/D2H {where}", c["evict_vs_d2h"]["of_medians"], minimum)
+            add(f"restore/H2D {where}", c["restore_vs_h2d"]["of_medians"], minimum)
+    for t in results["throughput"]:
+        if t["nbytes"] == 4 * KiB:
+            best = max(c["evictions_per_s"] for c in t["cases"])
+            add("4 KiB evictions per second (best case)", best, GOAL_SMALL_EVICTIONS_PER_S, "/s")
+    s = results["staged"]
+    add("direct path / staged path", s["direct_vs_staged"], GOAL_STAGED)
+    add("direct path host allocation / bytes evicted", s["direct_alloc_fraction"], GOAL_HOST_ALLOC, "", False)
+    z = results["zict"]
+    if z.get("available"):
+        add("gpubo round trip / zict round trip", z["gpubo_vs_zict"], GOAL_ZICT)
+    b = results["bookkeeping"]
+    if len(b) >= 2:
+        first, last = b[0], b[-1]
+        for name, text in (("read_4k_us", "4 KiB read"), ("evict_decision_us", "eviction decision")):
+            add(
+                f"{text}: {last['bos']} BOs / {first['bos']} BOs (time)",
+                last[name] / first[name],
+                GOAL_BOOKKEEPING_FLAT,
+                "x",
+                False,
+            )
+    g = results["gemm"]
+    if g.get("available"):
+        add("oversubscribed multiply speed / in-memory", g["speed_ratio"], GOAL_GEMM)
+    return out
+
+
+# -- reporting ------------------------------------------------------------------------
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}"
+
+
+def tables(results: dict[str, Any]) -> str:
+    """The human-readable report of :func:`run`'s results."""
+    fmt = gpubo.format_bytes
+    info = results["machine"]
+    fs = info["filesystem"]
+    cfg = results["config"]
+    parts = [
+        f"gpubo {info['gpubo']} bench on {info['device']} ({info['platform']}); "
+        f"{info['cpu']}, {info['cpus']} CPUs, {fmt(info['memory_bytes'])} RAM, Linux {info['kernel']}",
+        f"stores in {fs['type']} on {fs['source']} at {fs['mount']}; median of {cfg['reps']} reps "
+        f"after {cfg['warmup']} warm-up; GB/s = 10^9 bytes/s",
+        "",
+        "1. The limit (GB/s, median):",
+        render_table(
+            ["size", "raw D2H", "raw H2D", "write+fdatasync"],
+            [
+                [fmt(r["nbytes"])] + [_f(r[k]["median_gbps"]) for k in ("d2h", "h2d", "write_fdatasync")]
+                for r in results["limit"]
+            ],
+        ),
+        "",
+        "2. gpubo eviction (of a dirtied BO) and restore (GB/s, median; ratio to the raw copy "
+        "paired with each call):",
+    ]
+    rows = []
+    for t in results["throughput"]:
+        for c in t["cases"]:
+            rows.append(
+                [
+                    fmt(t["nbytes"]),
+                    c["backend"],
+                    c["durability"],
+                    "on" if c["checksums"] else "off",
+                    _f(c["evict"]["median_gbps"]),
+                    _f(c["evict_vs_d2h"]["of_medians"]) + "x",
+                    f"{c['evictions_per_s']:.0f}",
+                    _f(c["restore"]["median_gbps"]),
+                    _f(c["restore_vs_h2d"]["of_medians"]) + "x",
+                ]
+            )
+    parts.append(
+        render_table(
+            [
+                "size",
+                "backend",
+                "durability",
+                "checksums",
+                "evict",
+                "evict/D2H",
+                "evicts/s",
+                "restore",
+                "restore/H2D",
+            ],
+            rows,
+        )
+    )
+    s = results["staged"]
+    parts += [
+        "",
+        f"3. Evicting {fmt(s['total_bytes'])} as {fmt(s['chunk_bytes'])} BOs ({s['case']}): "
+        f"direct is {_f(s['direct_vs_staged'])}x the staged path",
+        render_table(
+            ["path", "GB/s", "seconds", "tracemalloc peak", "RSS growth", "RssAnon growth", "peak/evicted"],
+            [
+                [
+                    name,
+                    _f(s[name]["gbps"]),
+                    _f(s[name]["median_s"], 3),
+                    fmt(s[name]["tracemalloc_peak_bytes"]),
+                    fmt(s[name]["rss_growth_bytes"]),
+                    fmt(s[name]["rss_anon_growth_bytes"]),
+                    f"{s[name]['tracemalloc_peak_bytes'] / s['total_bytes']:.2%}",
+                ]
+                for name in ("direct", "staged")
+            ],
+        ),
+        "",
+    ]
+    z = results["zict"]
+    if z.get("available"):
+        parts += [
+            f"4. zict {z['zict_version']} (Buffer over dict / Func(pickle) / File) vs gpubo ({z['case']}), "
+            f"{fmt(z['total_bytes'])} as {fmt(z['chunk_bytes'])} arrays (seconds, median):",
+            render_table(
+                ["", "spill / evict", "unspill / restore", "round trip"],
+                [
+                    ["zict", *(_f(z[k], 3) for k in ("zict_spill_s", "zict_unspill_s", "zict_round_trip_s"))],
+                    [
+                        "gpubo",
+                        *(_f(z[k], 3) for k in ("gpubo_evict_s", "gpubo_restore_s", "gpubo_round_trip_s")),
+                    ],
+                ],
+            ),
+            f"   gpubo's round trip is {_f(z['gpubo_vs_zict'])}x as fast as zict's",
+        ]
+    else:
+        parts.append(f"4. zict: skipped: {z['reason']}")
+    parts += [
+        "",
+        "5. Bookkeeping (microseconds, median; 64-byte BOs, budget full):",
+        render_table(
+            ["live BOs", "4 KiB read", "eviction decision (mgr.evict)", "setup s"],
+            [
+                [f"{b['bos']:,}", _f(b["read_4k_us"], 1), _f(b["evict_decision_us"], 1), _f(b["setup_s"], 1)]
+                for b in results["bookkeeping"]
+            ],
+        ),
+        "",
+    ]
+    g = results["gemm"]
+    if g.get("available"):
+        parts += [
+            f"6. Blocked multiply {g['n']} x {g['n']} float32, {g['tile']} x {g['tile']} tiles "
+            f"({fmt(g['total_bytes'])} of tiles), prefetch depth {g['depth']} (seconds, median):",
+            render_table(
+                ["budget", "bytes", "multiply", "end to end", "evictions"],
+                [
+                    [
+                        name,
+                        fmt(g[name]["budget_bytes"]),
+                        _f(g[name]["multiply_s"], 3),
+                        _f(g[name]["end_to_end_s"], 3),
+                        str(g[name]["multiply_evictions"]),
+                    ]
+                    for name in ("oversubscribed", "in_memory")
+                ],
+            ),
+            f"   oversubscribed runs at {_f(g['speed_ratio'])}x the in-memory speed "
+            f"(end to end {_f(g['end_to_end_speed_ratio'])}x)",
+        ]
+    else:
+        parts.append(f"6. gemm: skipped: {g['reason']}")
+    parts += ["", "Goals of issue 6 (met / MISSED; not asserted anywhere):"]
+    for item in results["goals"]:
+        op = ">=" if item["higher"] else "<="
+        value = f"{item['value']:.4g}{item['unit']}"
+        target = f"{item['target']:g}{item['unit']}"
+        parts.append(f"  {'met   ' if item['met'] else 'MISSED'}  {item['goal']}: {value} ({op} {target})")
+    parts += ["", f"elapsed {results['elapsed_s']:.1f} s"]
+    return "\n".join(parts)
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``4KiB,1MiB`` -> byte counts (positive multiples of 4)."""
+    sizes = [gpubo.parse_bytes(part.strip(), "size") for part in text.split(",") if part.strip()]
+    if not sizes or any(s <= 0 or s % 4 for s in sizes):
+        raise ValueError("give positive sizes that are multiples of 4 bytes")
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpubo.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few reps (about 30 s)")
+    parser.add_argument("--full", action="store_true", help="every backend x durability x checksums case")
+    parser.add_argument("--sizes", help="BO sizes, e.g. 4KiB,64KiB,1MiB,16MiB,64MiB")
+    parser.add_argument("--reps", type=int, help="timed repetitions of section 2 (median reported)")
+    parser.add_argument("--dir", help="parent directory of the stores (default: the temp directory)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON results")
+    args = parser.parse_args(argv)
+    try:
+        sizes = parse_sizes(args.sizes) if args.sizes else None
+    except ValueError as e:
+        parser.error(f"--sizes: {e}")
+    if args.reps is not None and args.reps < 1:
+        parser.error("--reps must be >= 1")
+    cfg = config(quick=args.quick, full=args.full, sizes=sizes, reps=args.reps)
+    cfg.parent_dir = args.dir
+    results = run(cfg, None if args.json else lambda text: print(f"... {text}", file=sys.stderr, flush=True))
+    print(json.dumps(results, indent=2) if args.json else tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

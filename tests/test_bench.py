@@ -1,0 +1,87 @@
+"""``gpubo bench --quick --json`` runs and reports every section (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from gpubo.cli import main
+
+SECTIONS = ("machine", "config", "limit", "throughput", "staged", "zict", "bookkeeping", "gemm", "goals")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    result = CliRunner().invoke(main, ["bench", "--quick", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_every_section_is_there(results: dict) -> None:
+    for name in SECTIONS:
+        assert name in results, name
+    assert results["elapsed_s"] > 0
+
+
+def test_limit_and_throughput_are_positive(results: dict) -> None:
+    assert results["limit"] and results["throughput"]
+    for row in results["limit"]:
+        for name in ("d2h", "h2d", "write_fdatasync"):
+            assert _positive(row[name]["median_gbps"]), (row["nbytes"], name)
+    for row in results["throughput"]:
+        assert row["cases"]
+        for case in row["cases"]:
+            for name in ("evict", "restore"):
+                assert _positive(case[name]["median_gbps"]), (row["nbytes"], name)
+            assert _positive(case["evict_vs_d2h"]["of_medians"])
+            assert _positive(case["restore_vs_h2d"]["of_medians"])
+            assert _positive(case["evictions_per_s"])
+
+
+def test_staged_section(results: dict) -> None:
+    staged = results["staged"]
+    for path in ("direct", "staged"):
+        assert _positive(staged[path]["gbps"])
+        assert staged[path]["tracemalloc_peak_bytes"] >= 0
+    assert _positive(staged["direct_vs_staged"])
+    # The staged path allocates a host array of each BO; the direct one does not.
+    assert staged["staged"]["tracemalloc_peak_bytes"] >= staged["chunk_bytes"]
+
+
+def test_zict_section(results: dict) -> None:
+    peer = results["zict"]
+    if not peer["available"]:
+        assert "zict" in peer["reason"]
+        pytest.skip("zict is not installed")
+    for name in ("zict_round_trip_s", "gpubo_round_trip_s", "gpubo_vs_zict"):
+        assert _positive(peer[name]), name
+
+
+def test_bookkeeping_section(results: dict) -> None:
+    rows = results["bookkeeping"]
+    assert [r["bos"] for r in rows] == sorted(r["bos"] for r in rows) and len(rows) >= 2
+    for row in rows:
+        assert row["live_bos"] >= row["bos"]
+        assert _positive(row["read_4k_us"]) and _positive(row["evict_decision_us"])
+
+
+def test_gemm_section(results: dict) -> None:
+    gemm = results["gemm"]
+    assert gemm["available"], gemm
+    assert gemm["oversubscribed"]["multiply_evictions"] > 0
+    for name in ("oversubscribed", "in_memory"):
+        assert _positive(gemm[name]["multiply_s"])
+    assert _positive(gemm["speed_ratio"])
+
+
+def test_goals_listed(results: dict) -> None:
+    assert results["goals"]
+    for goal in results["goals"]:
+        assert isinstance(goal["met"], bool) and goal["goal"]
