@@ -292,6 +292,9 @@ class Manager:
         self._closed = False
         self._bos: dict[int, BufferObject] = {}
         self._lru: LRU[BufferObject] = LRU()
+        # The BOs of _lru whose store copy is valid (evicting them copies
+        # nothing), in roughly the same order: the shrinker takes these first.
+        self._clean: LRU[BufferObject] = LRU()
         self._pool: dict[int, list[cl.Buffer]] = {}
         self._charged_bytes = 0
         self._resident_bytes = 0
@@ -929,7 +932,7 @@ class Manager:
             if dest.nbytes:
                 self.backend.download(self._buf(bo), dest, offset)
             with self._lock:
-                self._lru.touch(bo)
+                self._lru_touch_locked(bo)
         finally:
             bo.lock.release()
 
@@ -945,7 +948,7 @@ class Manager:
                 self._mark_dirty(bo)
                 self.backend.upload(self._buf(bo), src, offset)
             with self._lock:
-                self._lru.touch(bo)
+                self._lru_touch_locked(bo)
         finally:
             bo.lock.release()
 
@@ -1060,7 +1063,7 @@ class Manager:
         self._lock_resident(bo)
         try:
             with self._lock:
-                self._lru.touch(bo)
+                self._lru_touch_locked(bo)
         finally:
             bo.lock.release()
 
@@ -1263,16 +1266,22 @@ class Manager:
         if bo.entry is not None:
             return 0
         if bo.known_zero:
-            bo.entry = self.store.write_zeros(bo.nbytes)
-            return 0
-        bo.entry = swap_out(self.backend, self.store, self._buf(bo), bo.nbytes)
-        return bo.entry.stored_bytes
+            bo.entry, copied = self.store.write_zeros(bo.nbytes), 0
+        else:
+            bo.entry = swap_out(self.backend, self.store, self._buf(bo), bo.nbytes)
+            copied = bo.entry.stored_bytes
+        with self._lock:
+            if bo in self._lru:  # resident and unpinned (bo.sync()): now clean
+                self._clean.add(bo)
+        return copied
 
     def _mark_dirty(self, bo: BufferObject) -> None:
         """``bo``'s device bytes may change: drop its clean store copy. Holds ``bo.lock``."""
         bo.known_zero = False
         if bo.entry is not None and bo.state is State.RESIDENT:
-            entry, bo.entry = bo.entry, None
+            with self._lock:
+                entry, bo.entry = bo.entry, None
+                self._clean.remove(bo)
             self._release_entry(entry)
 
     # -- store admission ----------------------------------------------------
@@ -1485,6 +1494,25 @@ class Manager:
         contended = False
         ranked: dict[int, list[BufferObject]] = {}
         queue_busy = not may_block and self._launches_in_flight_locked()
+        if shrink and not self._purgeable_resident:
+            # Fast paths, in rank order: the first idle clean BO, else (none
+            # exists) the first idle dirty one; the full ranking below only
+            # when protections or busy BOs are in the way.
+            for lst, dirty in ((self._clean, False), (self._lru, True)):
+                for bo in lst:
+                    if (dirty and bo.entry is not None) or (
+                        only_group is not None and bo.group is not only_group
+                    ):
+                        continue
+                    if self._protection_locked(bo.group, for_group) != 0 or self._prune_events_locked(bo):
+                        continue
+                    if dirty and queue_busy and not bo.known_zero:
+                        continue
+                    if bo.lock.acquire(blocking=False):
+                        return bo, False
+                    contended = True
+                if not dirty and contended:
+                    break  # a clean BO exists but is in use: rank properly below
         for bo in self._lru:
             if only_group is not None and bo.group is not only_group:
                 continue
@@ -1600,12 +1628,19 @@ class Manager:
         if bo not in self._lru and bo.is_purgeable:
             self._purgeable_resident += 1
         self._lru.add(bo)
+        if bo.entry is not None:
+            self._clean.add(bo)
 
     def _lru_remove_locked(self, bo: BufferObject) -> None:
         if bo in self._lru:
             self._lru.remove(bo)
+            self._clean.remove(bo)
             if bo.is_purgeable:
                 self._purgeable_resident -= 1
+
+    def _lru_touch_locked(self, bo: BufferObject) -> None:
+        self._lru.touch(bo)
+        self._clean.touch(bo)
 
     def _pool_locked(self, buf: cl.Buffer, nbytes: int) -> None:
         self._pool.setdefault(nbytes, []).append(buf)
