@@ -28,10 +28,8 @@ The per-size eviction/restore machinery (:class:`Baselines`,
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
-import json
 import mmap
 import os
 import pickle
@@ -1244,27 +1242,7 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpubo.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes and few reps (about 30 s)")
-    parser.add_argument("--full", action="store_true", help="every backend x durability x checksums case")
-    parser.add_argument("--sizes", help="BO sizes, e.g. 4KiB,64KiB,1MiB,16MiB,64MiB")
-    parser.add_argument("--reps", type=int, help="timed repetitions of section 2 (median reported)")
-    parser.add_argument("--dir", help="parent directory of the stores (default: the temp directory)")
-    parser.add_argument("--json", action="store_true", help="print only the JSON results")
-    args = parser.parse_args(argv)
-    try:
-        sizes = parse_sizes(args.sizes) if args.sizes else None
-    except ValueError as e:
-        parser.error(f"--sizes: {e}")
-    if args.reps is not None and args.reps < 1:
-        parser.error("--reps must be >= 1")
-    cfg = config(quick=args.quick, full=args.full, sizes=sizes, reps=args.reps)
-    cfg.parent_dir = args.dir
-    results = run(cfg, None if args.json else lambda text: print(f"... {text}", file=sys.stderr, flush=True))
-    print(json.dumps(results, indent=2) if args.json else tables(results))
-    return 0
+if __name__ == "__main__":  # python -m gpubo.bench: the same as `gpubo bench`
+    from gpubo.cli import main as _cli
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    _cli.main(args=["bench", *sys.argv[1:]], prog_name="python -m gpubo.bench")
