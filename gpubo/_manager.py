@@ -1013,6 +1013,8 @@ class Manager:
             copied = self._write_entry_locked(bo)
             with self._lock:
                 self._bytes_evicted += copied
+                if bo in self._lru:  # stays resident, now with a clean store copy
+                    self._clean.add(bo)
         entry = bo.entry
         assert entry is not None
         with self._lock:
@@ -1270,9 +1272,6 @@ class Manager:
         else:
             bo.entry = swap_out(self.backend, self.store, self._buf(bo), bo.nbytes)
             copied = bo.entry.stored_bytes
-        with self._lock:
-            if bo in self._lru:  # resident and unpinned (bo.sync()): now clean
-                self._clean.add(bo)
         return copied
 
     def _mark_dirty(self, bo: BufferObject) -> None:
