@@ -18,12 +18,14 @@ from gpubo._errors import (
     StoreFull,
 )
 from gpubo._groups import Group, GroupStats
-from gpubo._manager import Manager, Stats
+from gpubo._manager import BATCH_BYTES, BATCH_MAX_BO_BYTES, Manager, Stats
 from gpubo._units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BATCH_BYTES",
+    "BATCH_MAX_BO_BYTES",
     "BufferBusy",
     "BufferFreed",
     "BufferObject",

@@ -58,7 +58,7 @@ from gpubo._errors import (
 )
 from gpubo._groups import _KEEP, Group, GroupStats, check_limits
 from gpubo._lru import LRU, NUM_PRIORITIES
-from gpubo._transfer import swap_in, swap_out
+from gpubo._transfer import swap_in, swap_out, swap_out_batch
 from gpubo._units import format_bytes, parse_bytes
 from gpubo.backends.opencl import OpenCLBackend, readonly_args
 from gpubo.shrinker import (
@@ -70,7 +70,7 @@ from gpubo.shrinker import (
     Shrinker,
     StoreCacheShrinker,
 )
-from gpubo.store import Durability, Entry, SwapStore, open_store
+from gpubo.store import PAGE_BYTES, Durability, Entry, SwapStore, open_store
 
 __all__ = ["Manager", "Stats"]
 
@@ -80,6 +80,11 @@ log = logging.getLogger(__name__)
 #: before it gives up with OutOfDeviceMemory (a guard, not a tuning knob).
 _ROOM_TIMEOUT_S = 60.0
 _NO_ROOM = object()
+#: BOs up to this size that need a copy are evicted in batches: gathered on
+#: the device into one staging buffer that crosses to the store at once.
+BATCH_MAX_BO_BYTES = 256 << 10
+#: The most a batch moves at once: one slot-file cluster (2 MiB).
+BATCH_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,12 @@ class Stats:
     store_used_bytes: int
     purged_bytes: int = 0
     purges: int = 0
+    eviction_batches: int = 0
+
+
+def _pages(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole pages."""
+    return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
 
 
 def _from_environment(budget: Any, store: Any, device: Any) -> tuple[Any, Any, Any]:
@@ -306,6 +317,7 @@ class Manager:
         self._size_heap: list[int] = []  # -nbytes of _heap_sizes; stale ones popped lazily
         self._heap_sizes: set[int] = set()
         self._evictions = 0
+        self._batches = 0  # eviction batches (several small BOs in one transfer)
         self._restores = 0
         self._bytes_evicted = 0
         self._bytes_restored = 0
@@ -832,6 +844,7 @@ class Manager:
                 pinned_bytes=self._pinned_bytes,
                 bo_count=len(self._bos),
                 evictions=self._evictions,
+                eviction_batches=self._batches,
                 restores=self._restores,
                 bytes_evicted=self._bytes_evicted,
                 bytes_restored=self._bytes_restored,
@@ -1239,25 +1252,142 @@ class Manager:
         with self._lock:
             events = list(bo.events)
         self.backend.wait(events)
-        buf = bo.buf
-        assert buf is not None
         copied = self._write_entry_locked(bo)
+        self._swapped_out([bo], copied, keep_buffer)
+
+    def _swapped_out(self, bos: list[BufferObject], copied: int, keep_buffer: bool) -> None:
+        """Bookkeeping once the entries of ``bos`` (``copied`` bytes in all)
+        are committed: each BO is swapped and its device buffer pooled or
+        released. Holds every ``bo.lock``."""
+        bufs = [(self._buf(bo), bo.nbytes) for bo in bos]
         with self._lock:
-            self._move(bo, State.SWAPPED)
-            bo.buf = None
-            bo.events.clear()
-            self._lru_remove_locked(bo)
-            self._resident_delta_locked(bo, -1)
-            self._swapped_delta_locked(bo, +1)
-            self._evictions += 1
+            for bo, (buf, nbytes) in zip(bos, bufs, strict=True):
+                self._move(bo, State.SWAPPED)
+                bo.buf = None
+                bo.events.clear()
+                self._lru_remove_locked(bo)
+                self._resident_delta_locked(bo, -1)
+                self._swapped_delta_locked(bo, +1)
+                if bo.group is not None:
+                    bo.group.evictions += 1
+                if keep_buffer:
+                    self._pool_locked(buf, nbytes)
+            self._evictions += len(bos)
             self._bytes_evicted += copied
-            if bo.group is not None:
-                bo.group.evictions += 1
-            if keep_buffer:
-                self._pool_locked(buf, bo.nbytes)
         if not keep_buffer:
-            self._release(buf, bo.nbytes)
-        log.debug("evicted %r", bo)
+            for buf, _ in bufs:
+                self.backend.release(buf)
+            self._uncharge(sum(n for _, n in bufs), None)  # released first, then uncharged
+        if log.isEnabledFor(logging.DEBUG):
+            for bo in bos:
+                log.debug("evicted %r", bo)
+
+    def _needs_copy(self, bo: BufferObject) -> bool:
+        """Evicting ``bo`` copies its bytes (no clean entry, not known zero)."""
+        return bo.entry is None and not bo.known_zero
+
+    def _batch_limit_locked(self, victim: BufferObject, need: int) -> int:
+        """Bytes of more victims to evict together with ``victim`` (0: evict it
+        alone). A batch needs a staging buffer from the budget's free room, so
+        its size is bounded by that room (which each batch grows), by
+        :data:`BATCH_BYTES`, and by the ``need`` still to free."""
+        if victim.is_purgeable or victim.nbytes > BATCH_MAX_BO_BYTES or not self._needs_copy(victim):
+            return 0
+        room = min(self.budget - self._charged_bytes, BATCH_BYTES) // PAGE_BYTES * PAGE_BYTES
+        first = _pages(victim.nbytes)
+        if room < 2 * PAGE_BYTES or need <= victim.nbytes or room <= first:
+            return 0
+        return min(room - first, need - victim.nbytes)
+
+    def _extend_batch_locked(
+        self,
+        victim: BufferObject,
+        limit: int,
+        *,
+        for_group: Group | None = None,
+        only_group: Group | None = None,
+    ) -> list[BufferObject]:
+        """More victims for ``victim``'s batch, locked, in LRU order: the idle,
+        unprotected, non-purgeable BOs that the walk would pick next, as long
+        as the ones needing a copy are small and fit ``limit`` staging bytes.
+        A large BO needing a copy ends the batch (it goes alone, in order)."""
+        batch: list[BufferObject] = []
+        staged = 0
+        leaving: Counter[Group | None] = Counter({victim.group: victim.nbytes})  # protections as if gone
+        for bo in self._lru:
+            if bo is victim or bo.is_purgeable or (only_group is not None and bo.group is not only_group):
+                continue
+            if self._protection_locked(bo.group, for_group, leaving[bo.group]) != 0:
+                continue
+            if self._prune_events_locked(bo):
+                continue
+            copy = self._needs_copy(bo)
+            if copy and (bo.nbytes > BATCH_MAX_BO_BYTES or staged + _pages(bo.nbytes) > limit):
+                break
+            if not bo.lock.acquire(blocking=False):
+                continue  # another thread uses it
+            batch.append(bo)
+            leaving[bo.group] += bo.nbytes
+            staged += _pages(bo.nbytes) if copy else 0
+            if staged >= limit:
+                break
+        return batch
+
+    def _swap_out_batch(self, victims: list[BufferObject], keep_buffer: bool) -> int:
+        """Evict ``victims`` (locked by the caller, resident, unpinned, idle);
+        bytes they held. Those needing a copy go through one staging buffer
+        charged to the budget; without room for it, each goes alone."""
+        copy = [bo for bo in victims if self._needs_copy(bo)]
+        for bo in victims:
+            if not self._needs_copy(bo):
+                self._swap_out_locked(bo, keep_buffer)
+        if len(copy) < 2:
+            for bo in copy:
+                self._swap_out_locked(bo, keep_buffer)
+            return sum(bo.nbytes for bo in victims)
+        layout, offset = [], 0
+        for bo in copy:
+            layout.append((offset, bo.nbytes))
+            offset += _pages(bo.nbytes)
+        staging = self._staging_buffer(offset)
+        if staging is None:
+            for bo in copy:
+                self._swap_out_locked(bo, keep_buffer)
+            return sum(bo.nbytes for bo in victims)
+        try:
+            with self._lock:
+                events = [ev for bo in copy for ev in bo.events]
+            self.backend.wait(events)
+            entries = swap_out_batch(
+                self.backend, self.store, staging, [(self._buf(bo), bo.nbytes) for bo in copy], layout
+            )
+        finally:
+            self._release(staging, offset)
+        for bo, entry in zip(copy, entries, strict=True):
+            bo.entry = entry
+        with self._lock:
+            self._batches += 1
+        self._swapped_out(copy, sum(e.stored_bytes for e in entries), keep_buffer)
+        return sum(bo.nbytes for bo in victims)
+
+    def _staging_buffer(self, nbytes: int) -> cl.Buffer | None:
+        """A device buffer of ``nbytes`` charged to the budget's free room, or
+        None when there is no room (nothing is evicted for it)."""
+        with self._lock:
+            got = self._try_charge_locked(nbytes, None)
+        if got is _NO_ROOM:
+            return None
+        if got is not None:
+            return got  # type: ignore[return-value]
+        try:
+            return self.backend.allocate(nbytes)
+        except OutOfDeviceMemory:
+            self._uncharge(nbytes, None)
+            log.info("no device memory for a %d-byte staging buffer: evicting one by one", nbytes)
+            return None
+        except BaseException:
+            self._uncharge(nbytes, None)
+            raise
 
     def _write_entry_locked(self, bo: BufferObject) -> int:
         """Give resident ``bo`` a clean store entry; bytes copied. Holds ``bo.lock``.
@@ -1432,6 +1562,16 @@ class Manager:
                 else:
                     victim, wait = self._pick_victim_locked(for_group=group)
                     where = f"the budget ({format_bytes(self.budget)})"
+                batch: list[BufferObject] = []
+                if victim is not None:
+                    only = group if self._over_group_max_locked(nbytes, group) else None
+                    if only is not None:
+                        need = only.charged_bytes + nbytes - (only.max_bytes or 0)
+                    else:
+                        need = self._charged_bytes + nbytes - self.budget
+                    limit = self._batch_limit_locked(victim, need)
+                    if limit:
+                        batch = self._extend_batch_locked(victim, limit, for_group=group, only_group=only)
                 if victim is None and not drain:
                     if not wait:
                         raise OutOfDeviceMemory(
@@ -1457,20 +1597,28 @@ class Manager:
             try:
                 if victim.is_purgeable:
                     self._purge_locked(victim)
+                elif batch:
+                    self._swap_out_batch([victim, *batch], keep_buffer=True)
                 else:
                     self._swap_out_locked(victim, keep_buffer=True)
             finally:
                 victim.lock.release()
+                for bo in batch:
+                    bo.lock.release()
 
-    def _protection_locked(self, group: Group | None, for_group: Group | None) -> int | None:
+    def _protection_locked(
+        self, group: Group | None, for_group: Group | None, leaving: int = 0
+    ) -> int | None:
         """Eviction tier of a BO of ``group`` when room is made for
         ``for_group``: 0 evictable, 1 only when nothing else is (below
-        ``low``), None never (below ``min``)."""
+        ``low``), None never (below ``min``). ``leaving``: bytes of the group
+        already chosen for eviction (a batch), as if gone."""
         if group is None or group is for_group:
             return 0
-        if group.min_bytes and group.charged_bytes <= group.min_bytes:
+        charged = group.charged_bytes - leaving
+        if group.min_bytes and charged <= group.min_bytes:
             return None
-        if group.low_bytes and group.charged_bytes <= group.low_bytes:
+        if group.low_bytes and charged <= group.low_bytes:
             return 1
         return 0
 
@@ -1574,18 +1722,27 @@ class Manager:
         try:
             freed = 0
             while freed < nbytes:
+                batch: list[BufferObject] = []
                 with self._lock:
                     victim, _ = self._pick_victim_locked(shrink=True, may_block=may_block)
+                    if victim is not None and may_block:  # a batch waits for the queue
+                        limit = self._batch_limit_locked(victim, nbytes - freed)
+                        if limit:
+                            batch = self._extend_batch_locked(victim, limit)
                 if victim is None:
                     break
                 try:
                     if victim.is_purgeable:
                         freed += self._purge_locked(victim)
+                    elif batch:
+                        freed += self._swap_out_batch([victim, *batch], keep_buffer=False)
                     else:
                         self._swap_out_locked(victim, keep_buffer=False)
                         freed += victim.nbytes
                 finally:
                     victim.lock.release()
+                    for bo in batch:
+                        bo.lock.release()
             self._purge_swapped()
             return freed
         finally:

@@ -271,6 +271,22 @@ class OpenCLBackend:
         """
         return self._map(buf, nbytes, cl.map_flags.WRITE_INVALIDATE_REGION)
 
+    def gather(self, dst: cl.Buffer, parts: Sequence[tuple[cl.Buffer, int, int]]) -> None:
+        """Enqueue device-side copies of ``(src, nbytes, dst_offset)`` into ``dst``.
+
+        Does not wait: the queue is in order, so a later map of ``dst`` sees
+        every copy. One small device copy costs a fraction of a transfer to
+        the host, so many small buffers travel as one (see ``swap_out_batch``).
+
+        Raises:
+            OutOfDeviceMemory, DeviceError: a copy could not be enqueued.
+        """
+        try:
+            for src, nbytes, offset in parts:
+                cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes, dst_offset=offset)
+        except cl.Error as e:
+            raise _translate(e, "gathering buffers on the device", sum(n for _, n, _ in parts)) from e
+
     def download(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> None:
         """Copy ``out.nbytes`` bytes from ``buf`` at byte ``offset`` into ``out``."""
         try:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,18 @@ def _ranges(flags: np.ndarray, first_page: int, nbytes: int) -> Iterator[tuple[i
     edges = np.flatnonzero(padded[1:] != padded[:-1])
     for lo, hi in zip(edges[::2], edges[1::2], strict=True):
         yield (first_page + int(lo)) * PAGE_BYTES, min((first_page + int(hi)) * PAGE_BYTES, nbytes)
+
+
+def _batch_zero_flags(src: memoryview, layout: Sequence[tuple[int, int]]) -> list[np.ndarray | None]:
+    """:func:`scan_zero_pages` of every entry of a batch, with one vectorised
+    look at the first word of each page of ``src`` for the common case of no
+    candidate zero page at all."""
+    data = np.frombuffer(src, np.uint8)
+    if data.nbytes % PAGE_BYTES == 0 and all(off % PAGE_BYTES == 0 for off, _ in layout):
+        firsts = data.view(np.uint64)[:: PAGE_BYTES // 8]
+        if firsts.all():  # every page starts with a non-zero word: no zero page anywhere
+            return [None] * len(layout)
+    return [scan_zero_pages(src[off : off + n], n) for off, n in layout]
 
 
 class _Hasher:
@@ -458,6 +470,74 @@ class SwapStore(ABC):
             StoreError: the copy or the flush failed; nothing was committed.
         """
         return self._write(src, src.nbytes, scan_zero_pages(src, src.nbytes))
+
+    def write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry]:
+        """Store several entries at once: entry ``i`` holds the ``n`` bytes of
+        ``src`` at offset ``off`` for ``layout[i] == (off, n)``.
+
+        All or nothing: on any error no entry of the batch is left. The fast
+        path (page-aligned offsets, entries of at most one chunk, no zero
+        page, not ``direct``) reserves room for the whole batch at once and
+        writes it in one transaction (lmdb) or one ``pwrite`` per slot run
+        (slotfile), with one flush for ``sync``; otherwise each entry is
+        written as by :meth:`write`.
+
+        Raises:
+            ValueError: a layout entry lies outside ``src`` or is empty.
+            StoreFull: not enough room for the whole batch; nothing was written.
+            StoreError: the copy or the flush failed; nothing was committed.
+        """
+        for off, n in layout:
+            if n <= 0 or off < 0 or off + n > src.nbytes:
+                raise ValueError(f"batch entry ({off}, {n}) is outside the {src.nbytes}-byte source")
+        flags = _batch_zero_flags(src, layout)
+        fast = (
+            self.durability is not Durability.DIRECT
+            and all(f is None for f in flags)
+            and all(off % PAGE_BYTES == 0 and n <= CHUNK_BYTES for off, n in layout)
+        )
+        if fast:
+            entries = self._write_batch(src, layout)
+            if entries is not None:
+                return entries
+        done: list[Entry] = []
+        try:
+            for (off, n), zero in zip(layout, flags, strict=True):
+                done.append(self._write(src[off : off + n], n, zero))
+        except BaseException:
+            for entry in done:
+                self._release_entry_quietly(entry)
+            raise
+        return done
+
+    def _write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry] | None:
+        """Backend fast path of :meth:`write_batch`; None when it has none."""
+        return None
+
+    def _checksum(self, piece: memoryview) -> tuple[int | None, ...] | None:
+        """The checksums of a one-chunk entry whose stored bytes are ``piece``."""
+        return (int(xxhash.xxh3_64_intdigest(piece)),) if self.checksums else None
+
+    def _commit_batch(self, entries: list[Entry]) -> list[Entry]:
+        """Flush (``sync``) and register freshly written one-reference entries.
+
+        Raises:
+            StoreError: the flush failed (the caller gives the room back).
+        """
+        if self.durability is Durability.SYNC and entries:
+            self._flush(entries[0])  # one flush covers the whole batch
+        with self._lock:
+            for entry in entries:
+                self._entries[entry.key] = entry
+                self._refs[entry.key] = 1
+                self._cached_bytes += entry.stored_bytes
+        return entries
+
+    def _release_entry_quietly(self, entry: Entry) -> None:
+        try:
+            self.release(entry)
+        except StoreError as e:  # only its space stays accounted as used
+            log.error("could not give back a store entry after a failed batch: %s", e)
 
     def write_zeros(self, nbytes: int) -> Entry:
         """A new entry of ``nbytes`` zeros: no byte is read, written or planned."""

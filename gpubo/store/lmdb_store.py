@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Sequence
 
 import lmdb
 import numpy as np
@@ -178,6 +179,46 @@ class LmdbStore(SwapStore):
         except lmdb.Error as e:
             raise StoreError(f"writing {src.nbytes} bytes to the store failed: {e}") from e
         return sums
+
+    def _write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry] | None:
+        footprints = [_pages(n) for _, n in layout]
+        total = sum(footprints)
+        with self._lock:
+            free = self.capacity_bytes - self._used_bytes
+            if total > free:
+                raise StoreFull(
+                    f"store full: a batch of {len(layout)} entries needs {total} bytes of store, {free} free",
+                    nbytes=sum(n for _, n in layout),
+                    free_bytes=free,
+                )
+            first_key = self._next_key
+            self._next_key += len(layout)
+            self._used_bytes += total
+        env = self._require_env()
+        entries: list[Entry] = []
+        committed = False
+        try:
+            with self._write_lock, env.begin(write=True, db=self._data_db) as txn:
+                for i, ((off, n), footprint) in enumerate(zip(layout, footprints, strict=True)):
+                    value = src[off : off + n]
+                    txn.put(_KEY.pack(first_key + i, 0), value)  # one transaction for the batch
+                    entries.append(Entry(first_key + i, n, footprint, n, self._checksum(value), None))
+            committed = True
+            return self._commit_batch(entries)
+        except BaseException as e:
+            with self._lock:
+                self._used_bytes -= total
+                if committed:  # the flush failed: take the chunks out again
+                    for entry in entries:
+                        self._unplace(entry)
+            if isinstance(e, lmdb.MapFullError):
+                raise StoreFull(
+                    f"store full: the LMDB map has no room for a batch of {len(layout)} entries",
+                    nbytes=sum(n for _, n in layout),
+                ) from e
+            if isinstance(e, lmdb.Error):
+                raise StoreError(f"writing a batch of {len(layout)} entries to the store failed: {e}") from e
+            raise
 
     def _read_chunks(self, entry: Entry, dst: memoryview, plans: list[ChunkPlan], label: str) -> None:
         env = self._require_env()

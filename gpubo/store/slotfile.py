@@ -27,7 +27,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -86,6 +86,32 @@ def _zip(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> Iterator[tuple[i
             j += 1
             if j < len(b):
                 bi, bo = b[j]
+
+
+def _starts(counts: list[int]) -> Iterator[int]:
+    """Running sums of ``counts``, from 0."""
+    done = 0
+    for count in counts:
+        yield done
+        done += count
+
+
+def _split_extents(extents: list[tuple[int, int]], counts: list[int]) -> list[Extents]:
+    """Cut ``extents`` (covering ``sum(counts)`` slots, in order) into
+    consecutive runs of ``counts[i]`` slots each."""
+    runs: list[Extents] = []
+    i, slot, left = 0, extents[0][0] if extents else 0, extents[0][1] if extents else 0
+    for want in counts:
+        run: list[tuple[int, int]] = []
+        while want:
+            if not left:
+                i += 1
+                slot, left = extents[i]
+            take = min(want, left)
+            run.append((slot, take))
+            slot, left, want = slot + take, left - take, want - take
+        runs.append(tuple(run))
+    return runs
 
 
 class SlotFileStore(SwapStore):
@@ -220,6 +246,61 @@ class SlotFileStore(SwapStore):
                 hasher.add(src[start : start + length])
             sums.append(hasher.digest() if self.checksums else None)
         return sums
+
+    def _write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry] | None:
+        counts = [-(-n // PAGE_BYTES) for _, n in layout]
+        total = sum(counts)
+        with self._lock:
+            first_key = self._next_key
+            self._next_key += len(layout)
+            extents = self._alloc.alloc(total)
+            if extents is None:
+                free = self._alloc.free_slots * PAGE_BYTES
+                raise StoreFull(
+                    f"store full: a batch of {len(layout)} entries needs {total * PAGE_BYTES} bytes "
+                    f"of slots, {free} free",
+                    nbytes=sum(n for _, n in layout),
+                    free_bytes=free,
+                )
+            self._used_bytes += total * PAGE_BYTES
+        try:
+            runs = _split_extents(extents, counts)
+            base = layout[0][0]
+            packed = all(
+                off == base + PAGE_BYTES * done
+                for (off, _), done in zip(layout, _starts(counts), strict=True)
+            )
+            if packed:
+                # The slots continue each other as the entries do in src: one
+                # pwrite per extent (the last may stop short of its slot's end).
+                pos = base
+                for slot, count in extents:
+                    length = min(count * PAGE_BYTES, src.nbytes - pos)
+                    self._pwrite_all(src[pos : pos + length], slot * PAGE_BYTES)
+                    pos += count * PAGE_BYTES
+            else:
+                for (off, n), run in zip(layout, runs, strict=True):
+                    for file_off, length in _segments(run, 0, n):
+                        self._pwrite_all(src[off : off + length], file_off)
+                        off += length
+            entries = [
+                Entry(
+                    key=first_key + i,
+                    nbytes=n,
+                    footprint=count * PAGE_BYTES,
+                    stored_bytes=n,
+                    checksums=self._checksum(src[off : off + n]),
+                    zeromap=None,
+                    extents=run,
+                )
+                for i, ((off, n), count, run) in enumerate(zip(layout, counts, runs, strict=True))
+            ]
+            return self._commit_batch(entries)
+        except BaseException:
+            with self._lock:
+                self._used_bytes -= total * PAGE_BYTES
+                self._alloc.free(extents)
+            raise
 
     def _pwrite_all(self, view: memoryview, offset: int) -> None:
         try:
