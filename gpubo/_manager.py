@@ -318,6 +318,9 @@ class Manager:
         self._heap_sizes: set[int] = set()
         self._evictions = 0
         self._batches = 0  # eviction batches (several small BOs in one transfer)
+        # The shrinker walk's staging buffer and its size, kept between its
+        # batches; guarded by _room_lock.
+        self._staging: tuple[cl.Buffer, int] | None = None
         self._restores = 0
         self._bytes_evicted = 0
         self._bytes_restored = 0
@@ -1293,7 +1296,8 @@ class Manager:
         :data:`BATCH_BYTES`, and by the ``need`` still to free."""
         if victim.is_purgeable or victim.nbytes > BATCH_MAX_BO_BYTES or not self._needs_copy(victim):
             return 0
-        room = min(self.budget - self._charged_bytes, BATCH_BYTES) // PAGE_BYTES * PAGE_BYTES
+        held = self._staging[1] if self._staging is not None else 0  # reused by the next batch
+        room = min(self.budget - self._charged_bytes + held, BATCH_BYTES) // PAGE_BYTES * PAGE_BYTES
         first = _pages(victim.nbytes)
         if room < 2 * PAGE_BYTES or need <= victim.nbytes or room <= first:
             return 0
@@ -1333,7 +1337,7 @@ class Manager:
                 break
         return batch
 
-    def _swap_out_batch(self, victims: list[BufferObject], keep_buffer: bool) -> int:
+    def _swap_out_batch(self, victims: list[BufferObject], keep_buffer: bool, keep_staging: bool) -> int:
         """Evict ``victims`` (locked by the caller, resident, unpinned, idle);
         bytes they held. Those needing a copy go through one staging buffer
         charged to the budget; without room for it, each goes alone."""
@@ -1362,7 +1366,8 @@ class Manager:
                 self.backend, self.store, staging, [(self._buf(bo), bo.nbytes) for bo in copy], layout
             )
         finally:
-            self._release(staging, offset)
+            if not keep_staging:
+                self._drop_staging()
         for bo, entry in zip(copy, entries, strict=True):
             bo.entry = entry
         with self._lock:
@@ -1371,23 +1376,39 @@ class Manager:
         return sum(bo.nbytes for bo in victims)
 
     def _staging_buffer(self, nbytes: int) -> cl.Buffer | None:
-        """A device buffer of ``nbytes`` charged to the budget's free room, or
-        None when there is no room (nothing is evicted for it)."""
+        """A staging buffer of at least ``nbytes`` charged to the budget's free
+        room, or None when there is no room (nothing is evicted for it).
+
+        The shrinker's walk keeps it between batches (``self._staging``, under
+        ``_room_lock``) and gives it back at the end (:meth:`_drop_staging`).
+        """
+        if self._staging is not None:
+            if self._staging[1] >= nbytes:
+                return self._staging[0]
+            self._drop_staging()
         with self._lock:
             got = self._try_charge_locked(nbytes, None)
         if got is _NO_ROOM:
             return None
-        if got is not None:
-            return got  # type: ignore[return-value]
-        try:
-            return self.backend.allocate(nbytes)
-        except OutOfDeviceMemory:
-            self._uncharge(nbytes, None)
-            log.info("no device memory for a %d-byte staging buffer: evicting one by one", nbytes)
-            return None
-        except BaseException:
-            self._uncharge(nbytes, None)
-            raise
+        if got is None:
+            try:
+                got = self.backend.allocate(nbytes)
+            except OutOfDeviceMemory:
+                self._uncharge(nbytes, None)
+                log.info("no device memory for a %d-byte staging buffer: evicting one by one", nbytes)
+                return None
+            except BaseException:
+                self._uncharge(nbytes, None)
+                raise
+        self._staging = (got, nbytes)  # type: ignore[assignment]
+        return got  # type: ignore[return-value]
+
+    def _drop_staging(self) -> None:
+        """Release the staging buffer, if any. Holds ``_room_lock``."""
+        if self._staging is not None:
+            buf, nbytes = self._staging
+            self._staging = None
+            self._release(buf, nbytes)
 
     def _write_entry_locked(self, bo: BufferObject) -> int:
         """Give resident ``bo`` a clean store entry; bytes copied. Holds ``bo.lock``.
@@ -1598,7 +1619,7 @@ class Manager:
                 if victim.is_purgeable:
                     self._purge_locked(victim)
                 elif batch:
-                    self._swap_out_batch([victim, *batch], keep_buffer=True)
+                    self._swap_out_batch([victim, *batch], keep_buffer=True, keep_staging=False)
                 else:
                     self._swap_out_locked(victim, keep_buffer=True)
             finally:
@@ -1735,7 +1756,7 @@ class Manager:
                     if victim.is_purgeable:
                         freed += self._purge_locked(victim)
                     elif batch:
-                        freed += self._swap_out_batch([victim, *batch], keep_buffer=False)
+                        freed += self._swap_out_batch([victim, *batch], keep_buffer=False, keep_staging=True)
                     else:
                         self._swap_out_locked(victim, keep_buffer=False)
                         freed += victim.nbytes
@@ -1746,6 +1767,7 @@ class Manager:
             self._purge_swapped()
             return freed
         finally:
+            self._drop_staging()
             self._room_lock.release()
 
     def _purge_swapped(self) -> None:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from gpubo.cli import main
 
-SECTIONS = ("machine", "config", "limit", "throughput", "staged", "zict", "bookkeeping", "gemm", "goals")
+SECTIONS = ("machine", "config", "limit", "throughput", "batched", "staged", "zict", "bookkeeping", "gemm", "goals")
 
 
 def _positive(value: object) -> bool:
@@ -43,6 +43,18 @@ def test_limit_and_throughput_are_positive(results: dict) -> None:
             assert _positive(case["evict_vs_d2h"]["of_medians"])
             assert _positive(case["restore_vs_h2d"]["of_medians"])
             assert _positive(case["evictions_per_s"])
+
+
+def test_batched_section(results: dict) -> None:
+    rows = results["batched"]
+    assert rows and {r["backend"] for r in rows} == {"lmdb", "slotfile"}
+    for row in rows:
+        assert row["count"] * row["nbytes"] == row["total_bytes"]
+        # The budget starts full: the first BO goes alone, then batches grow.
+        assert row["batches_per_evict"] >= 2, row
+        for name in ("batched_evictions_per_s", "singles_evictions_per_s", "batched_vs_raw_one"):
+            assert _positive(row[name]), name
+    assert any(g["goal"].startswith("4 KiB evictions per second, batched") for g in results["goals"])
 
 
 def test_staged_section(results: dict) -> None:
