@@ -243,3 +243,18 @@ def test_batched_entries_survive_hibernate(make_mgr: MakeMgr, tmp_path: Path) ->
     m2 = make_mgr(budget=n * size, store=tmp_path / "s", store_size="16MiB")
     for i in range(n):
         assert np.array_equal(m2.open(f"bo{i}").read(), datas[i])
+
+
+@pytest.mark.parametrize("path", ["kernel", "copy commands"])
+def test_gather_paths_are_byte_exact(make_mgr: MakeMgr, path: str) -> None:
+    # The gather kernel copies 16 BOs per launch, words then the last bytes;
+    # without it (a device that cannot build it) each BO is one copy command.
+    sizes = [4096, 5, 4099, 12_288, 64 * KiB + 3] * 8  # more than one launch of 16
+    m = make_mgr(budget=sum(sizes), store_size="64MiB")
+    if path == "copy commands":
+        m.backend._gather_failed = True  # as after a failed build
+    bos = fill(m, sizes, seed=4000)
+    m.evict(sum(sizes))
+    assert m.stats().eviction_batches >= 2
+    assert (m.backend._gather_kernel is not None) == (path == "kernel")
+    assert_intact(bos)

@@ -38,6 +38,36 @@ _POCL_PLATFORM = "Portable Computing Language"
 _ZERO_BYTE = np.zeros(1, np.uint8)
 _CONST = int(cl.kernel_arg_type_qualifier.CONST)
 
+#: Source buffers per launch of the gather kernel.
+GATHER_WIDTH = 16
+#: Work items per source buffer in the gather kernel.
+_GATHER_ITEMS = 64
+
+
+def _gather_source(width: int) -> str:
+    """OpenCL C of ``gpubo_gather``: work group ``k`` (dimension 1) copies
+    source ``k`` to ``dst`` at the byte offset and length ``meta`` gives for
+    entry ``first + k``; word by word (offsets are page-aligned, buffers start
+    aligned), then the last bytes."""
+    params = ", ".join(f"__global const uchar *s{i}" for i in range(width))
+    cases = " ".join(f"case {i}: src = s{i}; break;" for i in range(width))
+    return f"""
+__kernel void gpubo_gather(__global uchar *dst, __global const uint *meta, uint first, {params})
+{{
+    __global const uchar *src;
+    switch (get_group_id(1)) {{ {cases} default: return; }}
+    const uint off = meta[2 * (first + get_group_id(1))];
+    const uint n = meta[2 * (first + get_group_id(1)) + 1];
+    const uint words = n / 4;
+    __global uint *dw = (__global uint *)(dst + off);
+    __global const uint *sw = (__global const uint *)src;
+    for (uint i = get_global_id(0); i < words; i += get_global_size(0))
+        dw[i] = sw[i];
+    for (uint i = words * 4 + get_global_id(0); i < n; i += get_global_size(0))
+        dst[off + i] = src[i];
+}}
+"""
+
 
 def is_oom(error: cl.Error) -> bool:
     """True if ``error`` is one of OpenCL's out-of-memory codes."""
@@ -195,6 +225,9 @@ class OpenCLBackend:
         self.max_alloc_bytes = int(dev.max_mem_alloc_size)
         self.global_mem_bytes = int(dev.global_mem_size)
         self._launch_lock = threading.Lock()
+        self._gather_lock = threading.Lock()
+        self._gather_kernel: cl.Kernel | None = None
+        self._gather_failed = False
 
     def allocate(self, nbytes: int) -> cl.Buffer:
         """A new device buffer of ``nbytes``, allocated for real and zeroed.
@@ -275,17 +308,51 @@ class OpenCLBackend:
         """Enqueue device-side copies of ``(src, nbytes, dst_offset)`` into ``dst``.
 
         Does not wait: the queue is in order, so a later map of ``dst`` sees
-        every copy. One small device copy costs a fraction of a transfer to
-        the host, so many small buffers travel as one (see ``swap_out_batch``).
+        every copy. ``dst_offset`` must be a multiple of 4. A kernel copies
+        :data:`GATHER_WIDTH` buffers per launch (one launch costs about what
+        two copy commands do); without it (it failed to build) each buffer is
+        one copy command. Either way a small device copy costs a fraction of
+        a transfer to the host, so many small buffers travel as one.
 
         Raises:
             OutOfDeviceMemory, DeviceError: a copy could not be enqueued.
         """
         try:
-            for src, nbytes, offset in parts:
-                cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes, dst_offset=offset)
+            kernel = self._gather_program() if len(parts) > 2 else None
+            if kernel is None:
+                for src, nbytes, offset in parts:
+                    cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes, dst_offset=offset)
+                return
+            meta = cl.Buffer(
+                self.context,
+                cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
+                hostbuf=np.array([(off, n) for _, n, off in parts], np.uint32),
+            )
+            try:
+                with self._gather_lock:
+                    for first in range(0, len(parts), GATHER_WIDTH):
+                        group = [src for src, _, _ in parts[first : first + GATHER_WIDTH]]
+                        pad = [dst] * (GATHER_WIDTH - len(group))  # never read: no work group for them
+                        kernel.set_args(dst, meta, np.uint32(first), *group, *pad)
+                        cl.enqueue_nd_range_kernel(
+                            self.queue, kernel, (_GATHER_ITEMS, len(group)), (_GATHER_ITEMS, 1)
+                        )
+            finally:
+                meta.release()  # the enqueued launches keep it alive until they ran
         except cl.Error as e:
             raise _translate(e, "gathering buffers on the device", sum(n for _, n, _ in parts)) from e
+
+    def _gather_program(self) -> cl.Kernel | None:
+        """The gather kernel, built on first use; None if it cannot be built."""
+        with self._gather_lock:
+            if self._gather_kernel is None and not self._gather_failed:
+                try:
+                    program = cl.Program(self.context, _gather_source(GATHER_WIDTH)).build()
+                    self._gather_kernel = cl.Kernel(program, "gpubo_gather")
+                except (cl.Error, RuntimeError) as e:
+                    self._gather_failed = True
+                    log.warning("the gather kernel did not build (%s): batches copy one buffer at a time", e)
+            return self._gather_kernel
 
     def download(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> None:
         """Copy ``out.nbytes`` bytes from ``buf`` at byte ``offset`` into ``out``."""
