@@ -1341,19 +1341,17 @@ class Manager:
         """Evict ``victims`` (locked by the caller, resident, unpinned, idle);
         bytes they held. Those needing a copy go through one staging buffer
         charged to the budget; without room for it, each goes alone."""
-        copy = [bo for bo in victims if self._needs_copy(bo)]
+        copy: list[BufferObject] = []
         for bo in victims:
-            if not self._needs_copy(bo):
-                self._swap_out_locked(bo, keep_buffer)
-        if len(copy) < 2:
-            for bo in copy:
-                self._swap_out_locked(bo, keep_buffer)
-            return sum(bo.nbytes for bo in victims)
+            if self._needs_copy(bo):
+                copy.append(bo)
+            else:
+                self._swap_out_locked(bo, keep_buffer)  # no copy: nothing to batch
         layout, offset = [], 0
         for bo in copy:
             layout.append((offset, bo.nbytes))
             offset += _pages(bo.nbytes)
-        staging = self._staging_buffer(offset)
+        staging = self._staging_buffer(offset) if len(copy) > 1 else None
         if staging is None:
             for bo in copy:
                 self._swap_out_locked(bo, keep_buffer)

@@ -330,27 +330,31 @@ class OpenCLBackend:
             for src, nbytes, offset in parts:
                 if kernel is None or nbytes > GATHER_KERNEL_MAX_BYTES:
                     cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes, dst_offset=offset)
-            if kernel is None:
-                return
-            parts = small
-            meta = cl.Buffer(
-                self.context,
-                cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
-                hostbuf=np.array([(off, n) for _, n, off in parts], np.uint32),
-            )
-            try:
-                with self._gather_lock:
-                    for first in range(0, len(parts), GATHER_WIDTH):
-                        group = [src for src, _, _ in parts[first : first + GATHER_WIDTH]]
-                        pad = [dst] * (GATHER_WIDTH - len(group))  # never read: no work group for them
-                        kernel.set_args(dst, meta, np.uint32(first), *group, *pad)
-                        cl.enqueue_nd_range_kernel(
-                            self.queue, kernel, (_GATHER_ITEMS, len(group)), (_GATHER_ITEMS, 1)
-                        )
-            finally:
-                meta.release()  # the enqueued launches keep it alive until they ran
+            if kernel is not None:
+                self._launch_gather(kernel, dst, small)
         except cl.Error as e:
             raise _translate(e, "gathering buffers on the device", sum(n for _, n, _ in parts)) from e
+
+    def _launch_gather(
+        self, kernel: cl.Kernel, dst: cl.Buffer, parts: list[tuple[cl.Buffer, int, int]]
+    ) -> None:
+        """Enqueue the gather kernel over ``parts``, :data:`GATHER_WIDTH` per launch."""
+        meta = cl.Buffer(
+            self.context,
+            cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
+            hostbuf=np.array([(off, n) for _, n, off in parts], np.uint32),
+        )
+        try:
+            with self._gather_lock:
+                for first in range(0, len(parts), GATHER_WIDTH):
+                    group = [src for src, _, _ in parts[first : first + GATHER_WIDTH]]
+                    pad = [dst] * (GATHER_WIDTH - len(group))  # never read: no work group for them
+                    kernel.set_args(dst, meta, np.uint32(first), *group, *pad)
+                    cl.enqueue_nd_range_kernel(
+                        self.queue, kernel, (_GATHER_ITEMS, len(group)), (_GATHER_ITEMS, 1)
+                    )
+        finally:
+            meta.release()  # the enqueued launches keep it alive until they ran
 
     def _gather_program(self) -> cl.Kernel | None:
         """The gather kernel, built on first use; None if it cannot be built."""
