@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 from gpubo.cli import main
 
-SECTIONS = ("machine", "config", "limit", "throughput", "batched", "staged", "zict", "bookkeeping", "gemm", "goals")
+SECTIONS = (
+    "machine", "config", "limit", "throughput", "batched", "staged", "zict", "bookkeeping", "gemm", "goals",
+)  # fmt: skip
 
 
 def _positive(value: object) -> bool:

@@ -24,9 +24,11 @@ backend's own files; all created readable by the owner only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: Entries are processed (copied, hashed) in chunks of this many bytes.
 CHUNK_BYTES = 1 << 20
+#: Copies that are hashed go in steps of this size (see :func:`steps`).
+HASH_STEP_BYTES = 256 << 10
 #: The unit of zero-page detection and of slot allocation.
 PAGE_BYTES = 4096
 _PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_BYTES
@@ -168,6 +172,8 @@ def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
     zero = np.zeros(npages, np.bool_)
     if full:
         words = data[: full * PAGE_BYTES].view(np.uint64).reshape(full, PAGE_BYTES // 8)
+        if npages == full and words[:, 0].all():  # the common case: no candidate at all
+            return None
         candidates = np.flatnonzero(words[:, 0] == 0)
         for lo in range(0, len(candidates), _PAGES_PER_CHUNK):  # bounded temporaries
             idx = candidates[lo : lo + _PAGES_PER_CHUNK]
@@ -179,6 +185,18 @@ def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
 
 def plan_chunks(nbytes: int, zero: np.ndarray | None) -> list[ChunkPlan]:
     """Cut ``nbytes`` into chunk plans, skipping zero pages."""
+    if zero is None:
+        return list(_plain_plans(nbytes))
+    return _plan_chunks(nbytes, zero)
+
+
+@functools.lru_cache(maxsize=512)
+def _plain_plans(nbytes: int) -> tuple[ChunkPlan, ...]:
+    """The plans of an entry without zero pages (frozen, so shared: BO sizes repeat)."""
+    return tuple(_plan_chunks(nbytes, None))
+
+
+def _plan_chunks(nbytes: int, zero: np.ndarray | None) -> list[ChunkPlan]:
     plans = []
     stream = 0
     for index, start in enumerate(range(0, nbytes, CHUNK_BYTES)):
@@ -220,23 +238,32 @@ def _batch_zero_flags(src: memoryview, layout: Sequence[tuple[int, int]]) -> lis
 
 
 class _Hasher:
-    """xxh3-64 over the pieces of one chunk (one call for the common single piece)."""
+    """xxh3-64 of one chunk's stored stream, fed piece by piece as it is
+    copied (see :func:`steps`); does nothing when ``enabled`` is false."""
 
-    def __init__(self) -> None:
-        self._parts: list[memoryview] = []
+    def __init__(self, enabled: bool = True) -> None:
+        self._h = xxhash.xxh3_64() if enabled else None
+        self._fed = False
 
     def add(self, piece: memoryview) -> None:
-        self._parts.append(piece)
+        if self._h is not None:
+            self._h.update(piece)
+            self._fed = True
 
     def digest(self) -> int | None:
-        if not self._parts:
-            return None
-        if len(self._parts) == 1:
-            return int(xxhash.xxh3_64_intdigest(self._parts[0]))
-        h = xxhash.xxh3_64()
-        for part in self._parts:
-            h.update(part)
-        return int(h.intdigest())
+        return int(self._h.intdigest()) if self._h is not None and self._fed else None
+
+
+def steps(length: int, hashed: bool) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` steps of a copy of ``length`` bytes: one step when
+    nothing is hashed, else :data:`HASH_STEP_BYTES` each, so that each step is
+    hashed right after it is copied, while it is still in the CPU's cache (a
+    whole chunk is not: hashing it after its copy reads memory again)."""
+    if not hashed:
+        yield 0, length
+        return
+    for done in range(0, length, HASH_STEP_BYTES):
+        yield done, min(HASH_STEP_BYTES, length - done)
 
 
 @dataclass
@@ -610,6 +637,33 @@ class SwapStore(ABC):
                 out[start:end] = 0
         if entry.stored_bytes:
             self._read_chunks(entry, dst, plans, label)
+
+    @contextlib.contextmanager
+    def verified_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
+        """Context manager: a zero-copy, read-only view of a one-chunk entry's
+        bytes, verified before it is lent, for one copy straight to the
+        device; None when the entry has zero pages, is larger than a chunk,
+        or its bytes are not one run in the store (then use
+        :meth:`read_into`). The view is valid only inside the ``with`` block.
+
+        Raises:
+            IntegrityError: the stored bytes are missing or fail their checksum.
+            StoreError: the store failed.
+        """
+        if entry.nbytes > CHUNK_BYTES or entry.zeromap is not None or entry.stored_bytes != entry.nbytes:
+            yield None
+            return
+        with self._stored_view(entry, label) as view:
+            if view is not None and entry.checksums is not None:
+                hasher = _Hasher()
+                hasher.add(view)
+                self._verify(entry, plan_chunks(entry.nbytes, None)[0], hasher, label)
+            yield view
+
+    @contextlib.contextmanager
+    def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
+        """Backend part of :meth:`verified_view`: the unverified view, or None."""
+        yield None
 
     def _verify(self, entry: Entry, plan: ChunkPlan, hasher: _Hasher, label: str) -> None:
         if entry.checksums is None:

@@ -17,10 +17,11 @@ the entry is used. ``direct`` needs the slot-file backend.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -35,6 +36,7 @@ from gpubo.store.base import (
     Entry,
     SwapStore,
     _Hasher,
+    steps,
 )
 
 __all__ = ["LmdbStore"]
@@ -237,15 +239,38 @@ class LmdbStore(SwapStore):
                             offset=offset,
                         )
                     stored = np.frombuffer(value, np.uint8)
+                    hasher = _Hasher(entry.checksums is not None)
                     pos = 0
                     for start, end in plan.pieces:
-                        np.copyto(out[start:end], stored[pos : pos + end - start])
+                        for done, step in steps(end - start, entry.checksums is not None):
+                            at = pos + done
+                            np.copyto(out[start + done : start + done + step], stored[at : at + step])
+                            hasher.add(value[at : at + step])
                         pos += end - start
-                    hasher = _Hasher()
-                    hasher.add(value)  # verified after the copy, while in cache
                     self._verify(entry, plan, hasher, label)
         except lmdb.Error as e:
             raise StoreError(f"reading {label} from the store failed: {e}") from e
+
+    @contextlib.contextmanager
+    def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
+        # A one-chunk entry is one value: lent from the map inside a read
+        # transaction, which keeps its pages from reuse until the block ends.
+        env = self._require_env()
+        try:
+            txn = env.begin(db=self._data_db, buffers=True)
+        except lmdb.Error as e:
+            raise StoreError(f"reading {label} from the store failed: {e}") from e
+        try:
+            value = txn.get(_KEY.pack(entry.key, 0))
+            if value is None or len(value) != entry.stored_bytes:
+                raise IntegrityError(
+                    f"{label}: store chunk at byte 0 is missing or truncated", bo=label, offset=0
+                )
+            yield memoryview(value)
+        except lmdb.Error as e:
+            raise StoreError(f"reading {label} from the store failed: {e}") from e
+        finally:
+            txn.abort()
 
     def _unplace(self, entry: Entry) -> None:
         env = self._require_env()

@@ -41,6 +41,7 @@ from gpubo.store.base import (
     Entry,
     SwapStore,
     _Hasher,
+    steps,
 )
 from gpubo.store.slots import SlotAllocator
 
@@ -229,22 +230,23 @@ class SlotFileStore(SwapStore):
             if not n:
                 sums.append(None)
                 continue
-            hasher = _Hasher()
+            hasher = _Hasher(self.checksums)
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
                     self._write_direct(extents, plan, data)
                     hasher.add(memoryview(self._bounce)[:n])
-                    sums.append(hasher.digest() if self.checksums else None)
+                    sums.append(hasher.digest())
                 continue
             segs = list(_segments(extents, plan.stream_offset, n))
             pieces = [(s, e - s) for s, e in plan.pieces]
             for src_off, file_off, length in _zip(pieces, segs):
                 # pwrite, not a copy into the mapping: writing through the map
                 # takes a page fault per 4 KiB page once the file was written back.
-                self._pwrite_all(src[src_off : src_off + length], file_off)
-            for start, length in pieces:  # after the copy, while in cache
-                hasher.add(src[start : start + length])
-            sums.append(hasher.digest() if self.checksums else None)
+                for done, step in steps(length, self.checksums):
+                    piece = src[src_off + done : src_off + done + step]
+                    self._pwrite_all(piece, file_off + done)
+                    hasher.add(piece)
+            sums.append(hasher.digest())
         return sums
 
     def _write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry] | None:
@@ -334,7 +336,7 @@ class SlotFileStore(SwapStore):
             n = plan.stored_bytes
             if not n:
                 continue
-            hasher = _Hasher()
+            hasher = _Hasher(entry.checksums is not None)
             pieces = [(s, e - s) for s, e in plan.pieces]
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
@@ -348,10 +350,21 @@ class SlotFileStore(SwapStore):
             else:
                 segs = list(_segments(entry.extents, plan.stream_offset, n))
                 for file_off, dst_off, length in _zip(segs, pieces):
-                    np.copyto(out[dst_off : dst_off + length], self._slots[file_off : file_off + length])
-                for file_off, length in segs:  # verified after the copy, while in cache
-                    hasher.add(self._view[file_off : file_off + length])
+                    for done, step in steps(length, entry.checksums is not None):
+                        at = file_off + done
+                        np.copyto(out[dst_off + done : dst_off + done + step], self._slots[at : at + step])
+                        hasher.add(self._view[at : at + step])
             self._verify(entry, plan, hasher, label)
+
+    @contextlib.contextmanager
+    def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
+        # One extent: the bytes are one run of the mapping. Not for ``direct``,
+        # whose reads bypass the page cache.
+        if self.durability is Durability.DIRECT or len(entry.extents) != 1:
+            yield None
+            return
+        start = entry.extents[0][0] * PAGE_BYTES
+        yield self._view[start : start + entry.nbytes].toreadonly()
 
     def _read_direct(self, extents: Extents, plan: ChunkPlan) -> None:
         padded = -(-plan.stored_bytes // PAGE_BYTES) * PAGE_BYTES

@@ -38,7 +38,9 @@ class SlotAllocator:
         self._used = np.zeros(self.nclusters * CLUSTER_SLOTS, np.bool_)
         # Slots past nslots in the last cluster do not exist: mark them used.
         self._used[nslots:] = True
-        self._free_in = np.full(self.nclusters, CLUSTER_SLOTS, np.int64)
+        # Free slots per cluster: a list, not an array (read one at a time in
+        # the hot path, where a numpy scalar costs several times an int).
+        self._free_in = [CLUSTER_SLOTS] * self.nclusters
         if nslots % CLUSTER_SLOTS:
             self._free_in[-1] = nslots % CLUSTER_SLOTS
         # Wholly free clusters, sorted; partly used clusters with free slots.
@@ -157,27 +159,40 @@ class SlotAllocator:
 
     def _take_slots(self, want: int, out: list[Extent]) -> None:
         """Take ``want`` (< cluster or leftover) slots from the fullest partial
-        clusters first, then from empty clusters."""
+        clusters first, then from empty clusters; in each, the lowest free runs."""
+        free_in = self._free_in
         while want:
-            c = min(self._partial, key=lambda k: (self._free_in[k], k)) if self._partial else self._empty[0]
+            c = min(self._partial, key=lambda k: (free_in[k], k)) if self._partial else self._empty[0]
             base = c * CLUSTER_SLOTS
-            free_idx = np.flatnonzero(~self._used[base : base + CLUSTER_SLOTS])
-            pick = free_idx[:want]
-            self._used[base + pick] = True
-            self._free_in[c] -= len(pick)
+            if free_in[c] == CLUSTER_SLOTS:  # an empty cluster: its first slots
+                runs: list[Extent] = [(base, min(want, CLUSTER_SLOTS))]
+            else:
+                runs = _free_runs(self._used[base : base + CLUSTER_SLOTS].tobytes(), base, want)
+            taken = 0
+            for start, n in runs:
+                self._used[start : start + n] = True
+                out.append((start, n))
+                taken += n
+            free_in[c] -= taken
             self._refile(c)
-            want -= len(pick)
-            out.extend(_runs(base + pick))
+            want -= taken
 
 
-def _runs(slots: np.ndarray) -> list[Extent]:
-    """Sorted slot numbers as ``(start, count)`` runs."""
-    if not len(slots):
-        return []
-    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(slots)]))
-    return [(int(slots[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+def _free_runs(used: bytes, base: int, want: int) -> list[Extent]:
+    """The first runs of free slots (zero bytes in ``used``, one per slot)
+    that together hold up to ``want`` slots, as ``(base + start, count)``."""
+    runs: list[Extent] = []
+    pos = 0
+    while want:
+        lo = used.find(b"\x00", pos)
+        if lo < 0:
+            break
+        hi = used.find(b"\x01", lo)
+        pos = len(used) if hi < 0 else hi
+        n = min(pos - lo, want)
+        runs.append((base + lo, n))
+        want -= n
+    return runs
 
 
 def _merge(extents: list[Extent]) -> list[Extent]:
