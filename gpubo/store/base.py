@@ -68,6 +68,7 @@ HASH_STEP_BYTES = 256 << 10
 #: The unit of zero-page detection and of slot allocation.
 PAGE_BYTES = 4096
 _PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_BYTES
+_SMALL_SCAN_BYTES = 64 * PAGE_BYTES
 #: Bump when the on-disk layout changes; a store of another version is refused.
 FORMAT_VERSION = 2
 _LOCK_NAME = "gpubo.lock"
@@ -166,6 +167,10 @@ def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
     Cheap for ordinary data: only pages whose first 8 bytes are zero are read
     in full; the others cost one cache line each.
     """
+    small = nbytes % PAGE_BYTES == 0 and nbytes <= _SMALL_SCAN_BYTES
+    # A few pages: their first words are looked at without numpy's per-call overhead.
+    if small and all(view.cast("B")[:nbytes].cast("Q")[:: PAGE_BYTES // 8]):
+        return None
     data = np.frombuffer(view, np.uint8, count=nbytes)
     full = nbytes // PAGE_BYTES
     npages = -(-nbytes // PAGE_BYTES)

@@ -22,6 +22,8 @@ CLUSTER_SLOTS = 512
 
 Extent = tuple[int, int]
 
+_FREE, _USED = b"\x00", b"\x01"
+
 
 class SlotAllocator:
     """Free-space map of ``nslots`` slots.
@@ -35,9 +37,11 @@ class SlotAllocator:
             raise ValueError(f"nslots must be positive, got {nslots}")
         self.nslots = nslots
         self.nclusters = -(-nslots // CLUSTER_SLOTS)
-        self._used = np.zeros(self.nclusters * CLUSTER_SLOTS, np.bool_)
+        # One byte per slot, 1 = used: a bytearray, whose slicing and find()
+        # cost a fraction of numpy's per-call overhead on these small runs.
+        self._used = bytearray(self.nclusters * CLUSTER_SLOTS)
         # Slots past nslots in the last cluster do not exist: mark them used.
-        self._used[nslots:] = True
+        self._used[nslots:] = _USED * (len(self._used) - nslots)
         # Free slots per cluster: a list, not an array (read one at a time in
         # the hot path, where a numpy scalar costs several times an int).
         self._free_in = [CLUSTER_SLOTS] * self.nclusters
@@ -73,13 +77,13 @@ class SlotAllocator:
         """
         end = -1
         for start, n in sorted(extents):
-            if start < 0 or n <= 0 or start + n > self.nslots or not self._used[start : start + n].all():
+            if start < 0 or n <= 0 or start + n > self.nslots or _FREE in self._used[start : start + n]:
                 raise ValueError(f"extent ({start}, {n}) is not allocated")
             if start < end:
                 raise ValueError(f"extent ({start}, {n}) overlaps another in the same call")
             end = start + n
         for start, n in extents:
-            self._used[start : start + n] = False
+            self._used[start : start + n] = bytes(n)
             self.free_slots += n
             for c in range(start // CLUSTER_SLOTS, (start + n - 1) // CLUSTER_SLOTS + 1):
                 lo, hi = max(start, c * CLUSTER_SLOTS), min(start + n, (c + 1) * CLUSTER_SLOTS)
@@ -93,9 +97,9 @@ class SlotAllocator:
             ValueError: an extent is out of range or already taken.
         """
         for start, n in extents:
-            if start < 0 or n <= 0 or start + n > self.nslots or self._used[start : start + n].any():
+            if start < 0 or n <= 0 or start + n > self.nslots or _USED in self._used[start : start + n]:
                 raise ValueError(f"extent ({start}, {n}) is out of range or overlaps another")
-            self._used[start : start + n] = True
+            self._used[start : start + n] = _USED * n
             self.free_slots -= n
             for c in range(start // CLUSTER_SLOTS, (start + n - 1) // CLUSTER_SLOTS + 1):
                 lo, hi = max(start, c * CLUSTER_SLOTS), min(start + n, (c + 1) * CLUSTER_SLOTS)
@@ -104,7 +108,7 @@ class SlotAllocator:
 
     def used_mask(self) -> np.ndarray:
         """A copy of the per-slot used map (for consistency checks)."""
-        return self._used[: self.nslots].copy()
+        return np.frombuffer(self._used, np.bool_, count=self.nslots).copy()
 
     # -- internals ----------------------------------------------------------
 
@@ -133,7 +137,7 @@ class SlotAllocator:
         while taken < want and self._empty:
             run_start, run_len = self._longest_run(want - taken)
             for c in range(run_start, run_start + run_len):
-                self._used[c * CLUSTER_SLOTS : (c + 1) * CLUSTER_SLOTS] = True
+                self._used[c * CLUSTER_SLOTS : (c + 1) * CLUSTER_SLOTS] = _USED * CLUSTER_SLOTS
                 self._free_in[c] = 0
             i = bisect.bisect_left(self._empty, run_start)
             del self._empty[i : i + run_len]
@@ -167,10 +171,10 @@ class SlotAllocator:
             if free_in[c] == CLUSTER_SLOTS:  # an empty cluster: its first slots
                 runs: list[Extent] = [(base, min(want, CLUSTER_SLOTS))]
             else:
-                runs = _free_runs(self._used[base : base + CLUSTER_SLOTS].tobytes(), base, want)
+                runs = _free_runs(self._used, base, base + CLUSTER_SLOTS, want)
             taken = 0
             for start, n in runs:
-                self._used[start : start + n] = True
+                self._used[start : start + n] = _USED * n
                 out.append((start, n))
                 taken += n
             free_in[c] -= taken
@@ -178,19 +182,19 @@ class SlotAllocator:
             want -= taken
 
 
-def _free_runs(used: bytes, base: int, want: int) -> list[Extent]:
-    """The first runs of free slots (zero bytes in ``used``, one per slot)
-    that together hold up to ``want`` slots, as ``(base + start, count)``."""
+def _free_runs(used: bytearray, start: int, end: int, want: int) -> list[Extent]:
+    """The first runs of free slots in ``used[start:end]`` that together hold
+    up to ``want`` slots, as ``(first slot, count)``."""
     runs: list[Extent] = []
-    pos = 0
+    pos = start
     while want:
-        lo = used.find(b"\x00", pos)
+        lo = used.find(_FREE, pos, end)
         if lo < 0:
             break
-        hi = used.find(b"\x01", lo)
-        pos = len(used) if hi < 0 else hi
+        hi = used.find(_USED, lo, end)
+        pos = end if hi < 0 else hi
         n = min(pos - lo, want)
-        runs.append((base + lo, n))
+        runs.append((lo, n))
         want -= n
     return runs
 
