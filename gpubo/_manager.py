@@ -58,7 +58,7 @@ from gpubo._errors import (
 )
 from gpubo._groups import _KEEP, Group, GroupStats, check_limits
 from gpubo._lru import LRU, NUM_PRIORITIES
-from gpubo._transfer import swap_in, swap_out, swap_out_batch
+from gpubo._transfer import swap_in, swap_in_batch, swap_out, swap_out_batch
 from gpubo._units import format_bytes, parse_bytes
 from gpubo.backends.opencl import OpenCLBackend, readonly_args
 from gpubo.shrinker import (
@@ -80,8 +80,9 @@ log = logging.getLogger(__name__)
 #: before it gives up with OutOfDeviceMemory (a guard, not a tuning knob).
 _ROOM_TIMEOUT_S = 60.0
 _NO_ROOM = object()
-#: BOs up to this size that need a copy are evicted in batches: gathered on
-#: the device into one staging buffer that crosses to the store at once.
+#: BOs up to this size that need a copy are evicted in batches (gathered on
+#: the device into one staging buffer that crosses to the store at once), and
+#: prefetched in batches (their copies enqueued together, waited for once).
 BATCH_MAX_BO_BYTES = 256 << 10
 #: The most a batch moves at once: one slot-file cluster (2 MiB).
 BATCH_BYTES = 2 << 20
@@ -111,6 +112,7 @@ class Stats:
     purged_bytes: int = 0
     purges: int = 0
     eviction_batches: int = 0
+    restore_batches: int = 0
 
 
 def _pages(nbytes: int) -> int:
@@ -318,6 +320,7 @@ class Manager:
         self._heap_sizes: set[int] = set()
         self._evictions = 0
         self._batches = 0  # eviction batches (several small BOs in one transfer)
+        self._restore_batches = 0  # restores of several small BOs whose copies went together
         # The shrinker walk's staging buffer and its size, kept between its
         # batches; guarded by _room_lock.
         self._staging: tuple[cl.Buffer, int] | None = None
@@ -516,9 +519,13 @@ class Manager:
 
         Restores run on one worker thread, in order, so they overlap kernels
         and host work; a later use of a BO waits only for what is still in
-        flight. Each future completes when its BO is resident (or holds the
-        error; a failed prefetch is also logged, and the BO's next use tries
-        again and raises).
+        flight. Consecutive small BOs (up to :data:`BATCH_MAX_BO_BYTES` each,
+        :data:`BATCH_BYTES` or half the budget in all) are restored together:
+        their copies are enqueued at once and waited for once
+        (``stats().restore_batches``). Each future completes when its BO is
+        resident (or holds the error: a batch that fails is retried one BO at
+        a time, so each BO reports its own; a failed prefetch is also logged,
+        and the BO's next use tries again and raises).
 
         Raises:
             TypeError, ValueError: an item is not a BO of this manager.
@@ -533,10 +540,40 @@ class Manager:
             if self._prefetcher is None:
                 self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubo-prefetch")
             pool = self._prefetcher
-        return [pool.submit(self._prefetch_one, bo) for bo in items]
+        # Small BOs go together: the first task of a run of them restores the
+        # whole run in one batch, and the others' tasks then find theirs resident.
+        futures = []
+        i = 0
+        while i < len(items):
+            run = self._prefetch_run(items, i)
+            futures.append(pool.submit(self._prefetch_one, items[i], run))
+            futures.extend(pool.submit(self._prefetch_one, bo, []) for bo in run[1:])
+            i += max(1, len(run))
+        return futures
 
-    def _prefetch_one(self, bo: BufferObject) -> None:
+    def _batch_restore_limit(self) -> int:
+        """Bytes of small BOs restored in one batch."""
+        return min(BATCH_BYTES, self.budget // 2)
+
+    def _prefetch_run(self, items: list[BufferObject], start: int) -> list[BufferObject]:
+        """The swapped small BOs from ``items[start]`` on that can be restored
+        in one batch (a hint: :meth:`_restore_batch` checks again), or []."""
+        run: list[BufferObject] = []
+        total, limit = 0, self._batch_restore_limit()
+        for bo in items[start:]:
+            if bo.nbytes > BATCH_MAX_BO_BYTES or bo.state is not State.SWAPPED or total + bo.nbytes > limit:
+                break
+            run.append(bo)
+            total += bo.nbytes
+        return run if len(run) > 1 else []
+
+    def _prefetch_one(self, bo: BufferObject, together: list[BufferObject]) -> None:
         try:
+            if together:
+                try:
+                    self._restore_batch(together)
+                except GpuboError as e:  # each is tried alone, and reports its own error
+                    log.info("a batched prefetch failed, restoring one by one: %s", e)
             self._check_alive(bo)
             if bo.state is State.SWAPPED:
                 self._bo_restore(bo)
@@ -848,6 +885,7 @@ class Manager:
                 bo_count=len(self._bos),
                 evictions=self._evictions,
                 eviction_batches=self._batches,
+                restore_batches=self._restore_batches,
                 restores=self._restores,
                 bytes_evicted=self._bytes_evicted,
                 bytes_restored=self._bytes_restored,
@@ -1174,22 +1212,82 @@ class Manager:
         assert entry is not None
         buf = self._filled_buffer(bo, entry if replace_with is None else None, replace_with)
         with self._lock:
-            self._move(bo, State.RESIDENT)
-            self._swapped_delta_locked(bo, -1)
-            self._resident_delta_locked(bo, +1)
-            self._lru_add_locked(bo)
+            self._restored_locked(bo, buf)
             if replace_with is None:
-                # Swap cache: the entry stays while the BO is clean, so
-                # evicting it again costs no copy.
-                bo.buf = buf
                 self._restores += 1
                 self._bytes_restored += bo.nbytes
             else:
-                bo.buf, bo.entry = buf, None
+                bo.entry = None
                 bo.known_zero = False
         if replace_with is not None:
             self._release_entry(entry)
         log.debug("restored %r", bo)
+
+    def _restored_locked(self, bo: BufferObject, buf: cl.Buffer) -> None:
+        """Swapped ``bo`` is resident in ``buf``. Its entry stays as the swap
+        cache: evicting it again while it is clean costs no copy."""
+        self._move(bo, State.RESIDENT)
+        self._swapped_delta_locked(bo, -1)
+        self._resident_delta_locked(bo, +1)
+        self._lru_add_locked(bo)
+        bo.buf = buf
+
+    def _restore_batch(self, bos: Sequence[BufferObject]) -> int:
+        """Restore the swapped small BOs of ``bos`` together; how many were
+        restored (0 when fewer than two could be). BOs another thread holds,
+        BOs not swapped and BOs larger than :data:`BATCH_MAX_BO_BYTES` are
+        left out, for the caller to restore one by one.
+
+        Raises:
+            GpuboError: as a restore; then none of them was restored.
+        """
+        with self._room_lock:
+            batch: list[BufferObject] = []
+            total, limit = 0, self._batch_restore_limit()
+            try:
+                for bo in bos:
+                    if bo.nbytes > BATCH_MAX_BO_BYTES or total + bo.nbytes > limit:
+                        continue
+                    if not bo.lock.acquire(blocking=False):
+                        continue  # another thread holds it, or it is listed twice
+                    if bo.state is State.SWAPPED and bo.entry is not None:
+                        batch.append(bo)
+                        total += bo.nbytes
+                    else:
+                        bo.lock.release()
+                if len(batch) < 2:
+                    return 0
+                self._restore_batch_locked(batch)
+                return len(batch)
+            finally:
+                for bo in batch:
+                    bo.lock.release()
+
+    def _restore_batch_locked(self, bos: list[BufferObject]) -> None:
+        """Restore swapped ``bos`` (locked by the caller, who holds
+        ``_room_lock``): a device buffer each, then their copies enqueued
+        together (:func:`swap_in_batch`). All or nothing."""
+        bufs: list[cl.Buffer] = []
+        try:
+            parts = []
+            for bo in bos:
+                assert bo.entry is not None
+                bufs.append(self._new_buffer(bo.nbytes, zero=False, group=bo.group))
+                parts.append((bo.entry, bufs[-1], bo.label()))
+            swap_in_batch(self.backend, self.store, parts)
+        except BaseException:
+            for bo, buf in zip(bos, bufs, strict=False):
+                self._release(buf, bo.nbytes, bo.group)
+            raise
+        with self._lock:
+            for bo, buf in zip(bos, bufs, strict=True):
+                self._restored_locked(bo, buf)
+                self._bytes_restored += bo.nbytes
+            self._restores += len(bos)
+            self._restore_batches += 1
+        if log.isEnabledFor(logging.DEBUG):
+            for bo in bos:
+                log.debug("restored %r (batched)", bo)
 
     def _filled_buffer(self, bo: BufferObject, entry: Entry | None, content: np.ndarray | None) -> cl.Buffer:
         """A device buffer for ``bo`` (charged to the budget and its group)

@@ -14,15 +14,17 @@ a store transaction) is paid once per batch instead of once per buffer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import pyopencl as cl
 
+from gpubo._errors import GpuboError
 from gpubo.backends.opencl import OpenCLBackend
 from gpubo.store.base import PAGE_BYTES, Entry, SwapStore
 
-__all__ = ["swap_in", "swap_out", "swap_out_batch"]
+__all__ = ["swap_in", "swap_in_batch", "swap_out", "swap_out_batch"]
 
 
 def swap_out(backend: OpenCLBackend, store: SwapStore, buf: cl.Buffer, nbytes: int) -> Entry:
@@ -74,3 +76,34 @@ def swap_in(backend: OpenCLBackend, store: SwapStore, entry: Entry, buf: cl.Buff
             return
     with backend.map_write(buf, entry.nbytes) as view:
         store.read_into(entry, view, label)
+
+
+def swap_in_batch(
+    backend: OpenCLBackend, store: SwapStore, parts: Sequence[tuple[Entry, cl.Buffer, str]]
+) -> None:
+    """Overwrite each ``buf`` of ``parts`` (``(entry, buf, label)``) with its
+    entry's verified bytes. Every entry the store can lend as one run is
+    verified first, then one copy command each is enqueued straight from the
+    store and all are waited for together; the others go by :func:`swap_in`.
+
+    Raises:
+        IntegrityError: stored bytes fail verification; nothing was copied
+            from the lent entries, and the buffers' content is undefined.
+        StoreError, DeviceError, OutOfDeviceMemory: a copy failed; the
+            buffers' content is undefined.
+    """
+    with store.verified_views([e for e, _, _ in parts], [label for _, _, label in parts]) as views:
+        lent = [view is not None for view in views]
+        events: list[cl.Event] = []
+        try:
+            for (_, buf, _), view in zip(parts, views, strict=True):
+                if view is not None:
+                    events.append(backend.upload_nowait(buf, np.frombuffer(view, np.uint8)))
+        except BaseException:
+            with contextlib.suppress(GpuboError):
+                backend.wait(events)  # the views must outlive every copy from them
+            raise
+        backend.wait(events)
+    for (entry, buf, label), done in zip(parts, lent, strict=True):
+        if not done:
+            swap_in(backend, store, entry, buf, label)

@@ -10,7 +10,9 @@ One run measures, with several repetitions and medians (issue 6):
    ``batched``: small BOs (4 KiB, 64 KiB) evicted many at a time by
    ``mgr.evict`` (gathered on the device into one staging buffer, one store
    transaction), against the raw D2H of each BO and of the same bytes as one
-   buffer, and against gpubo evicting them one by one;
+   buffer, and against gpubo evicting them one by one; then the same BOs
+   restored by ``mgr.prefetch`` (batched: their copies enqueued together)
+   and one by one, against the raw H2D of each BO (printed as 2c);
 3. ``staged``: download into a freshly allocated host array and
    ``store.write`` that array, against gpubo's direct path; time, and host
    memory allocated while evicting (tracemalloc peak, RSS and anonymous RSS
@@ -675,7 +677,12 @@ def bench_batched(
     bytes as one buffer, and gpubo evicting the BOs one by one
     (``bo.evict()``). Each rep first rewrites one byte of every BO (which
     restores it), untimed. The budget starts full, so the first batches are
-    small: a staging buffer comes from free room only."""
+    small: a staging buffer comes from free room only.
+
+    Then the way back: the BOs, swapped with their device buffers pooled (as
+    after ``bo.evict()``), are restored by ``mgr.prefetch(bos)`` (batched)
+    and, swapped again, one by one (``bo.restore()``), against the raw
+    blocking H2D of each BO."""
     count = max(2, total // nbytes)
     total = count * nbytes
     queue = cl.CommandQueue(context)
@@ -690,8 +697,12 @@ def bench_batched(
     )
     raw_bufs: list[cl.Buffer] = []
     one_buf = None
-    times: dict[str, list[float]] = {"batched": [], "singles": [], "raw_each": [], "raw_one": []}
+    times: dict[str, list[float]] = {
+        "batched": [], "singles": [], "raw_each": [], "raw_one": [],
+        "prefetch": [], "restore_singles": [], "raw_h2d_each": [],
+    }  # fmt: skip
     batches: list[int] = []
+    restore_batches: list[int] = []
     try:
         datas = [_patterned(nbytes, i) for i in range(count)]
         bos = [mgr.alloc(nbytes) for _ in range(count)]
@@ -724,6 +735,18 @@ def bench_batched(
             for bo in bos:
                 bo.evict()
 
+        def raw_h2d_each() -> None:
+            for i, buf in enumerate(raw_bufs):
+                cl.enqueue_copy(queue, buf, host[i * nbytes : (i + 1) * nbytes], is_blocking=True)
+
+        def prefetch() -> None:
+            for future in mgr.prefetch(bos):
+                future.result()
+
+        def restore_singles() -> None:
+            for bo in bos:
+                bo.restore()
+
         for rep in range(warmup + reps):
             steady = rep >= warmup
             dirty(rep)
@@ -733,13 +756,24 @@ def bench_batched(
             if after.bytes_evicted - before.bytes_evicted != total or after.resident_bytes:
                 raise RuntimeError("batched benchmark: mgr.evict did not copy every BO out")
             dirty(rep + 100)
-            single_s = timed(singles)
+            single_s = timed(singles)  # leaves every BO swapped, its buffer pooled
+            ahead = mgr.stats()
+            prefetch_s = timed(prefetch)
+            back = mgr.stats()
+            if back.restores - ahead.restores != count:
+                raise RuntimeError("batched benchmark: mgr.prefetch did not restore every BO")
+            singles()  # clean: no copy, buffers pooled again
+            restore_singles_s = timed(restore_singles)
             if steady:
                 times["batched"].append(seconds)
                 batches.append(after.eviction_batches - before.eviction_batches)
                 times["singles"].append(single_s)
                 times["raw_each"].append(timed(raw_each))
                 times["raw_one"].append(timed(raw_one))
+                times["prefetch"].append(prefetch_s)
+                restore_batches.append(back.restore_batches - ahead.restore_batches)
+                times["restore_singles"].append(restore_singles_s)
+                times["raw_h2d_each"].append(timed(raw_h2d_each))
         for bo, data in zip(bos, datas, strict=True):
             if not np.array_equal(bo.read(np.uint32), data):
                 raise SystemExit(f"batched benchmark: a {nbytes}-byte BO changed: invalid")
@@ -769,6 +803,11 @@ def bench_batched(
         "batched_vs_singles": med["singles"] / med["batched"],
         "batched_vs_raw_each": med["raw_each"] / med["batched"],
         "batched_vs_raw_one": med["raw_one"] / med["batched"],
+        "restore_batches_per_prefetch": int(_median([float(b) for b in restore_batches])),
+        "prefetch_restores_per_s": count / med["prefetch"],
+        "singles_restores_per_s": count / med["restore_singles"],
+        "prefetch_vs_singles": med["restore_singles"] / med["prefetch"],
+        "prefetch_vs_raw_h2d_each": med["raw_h2d_each"] / med["prefetch"],
     }
 
 
@@ -1301,6 +1340,35 @@ def tables(results: dict[str, Any]) -> str:
                         _f(b["batched_vs_singles"]) + "x",
                         _f(b["batched_vs_raw_each"]) + "x",
                         _f(b["batched_vs_raw_one"]) + "x",
+                    ]
+                    for b in results["batched"]
+                ],
+            ),
+            "",
+            "2c. The same BOs restored by mgr.prefetch (batched: copies enqueued together) and one by one "
+            "(bo.restore()), their buffers pooled (medians): restores per second, and time against the "
+            "raw H2D of each BO",
+            render_table(
+                [
+                    "size",
+                    "BOs",
+                    "case",
+                    "batches",
+                    "restores/s",
+                    "one by one/s",
+                    "vs one by one",
+                    "vs raw each",
+                ],
+                [
+                    [
+                        fmt(b["nbytes"]),
+                        f"{b['count']:,}",
+                        b["case"],
+                        str(b["restore_batches_per_prefetch"]),
+                        f"{b['prefetch_restores_per_s']:,.0f}",
+                        f"{b['singles_restores_per_s']:,.0f}",
+                        _f(b["prefetch_vs_singles"]) + "x",
+                        _f(b["prefetch_vs_raw_h2d_each"]) + "x",
                     ]
                     for b in results["batched"]
                 ],

@@ -258,3 +258,125 @@ def test_gather_paths_are_byte_exact(make_mgr: MakeMgr, path: str) -> None:
     assert m.stats().eviction_batches >= 2
     assert (m.backend._gather_kernel is not None) == (path == "kernel")
     assert_intact(bos)
+
+
+# -- batched restores (mgr.prefetch of small BOs) ----------------------------
+
+DATA_FILE = {"lmdb": "data.mdb", "slotfile": "slots.bin"}
+
+
+@pytest.mark.parametrize(("backend", "durability", "checksums"), COMBOS)
+def test_prefetching_many_small_bos_restores_them_together(
+    make_mgr: MakeMgr, backend: str, durability: str, checksums: bool
+) -> None:
+    n, size = 96, 4 * KiB
+    m = make_mgr(
+        budget=2 * n * size,
+        store_size="64MiB",
+        store_backend=backend,
+        durability=durability,
+        checksums=checksums,
+    )
+    # Odd sizes, a zero page (its entry is not one run: restored by read_into)
+    # and never-written BOs (known zero) ride along with the plain ones.
+    sizes = [size] * n + [3 * KiB + 5, 12 * KiB + 1, 64 * KiB]
+    bos = fill(m, sizes, seed=1000)
+    holey = bos[-1][1]
+    holey[4 * KiB : 8 * KiB] = 0
+    bos[-1][0].write(holey)
+    fresh = [m.alloc(size) for _ in range(3)]
+    everything = [bo for bo, _ in bos] + fresh
+    m.evict(m.stats().resident_bytes)
+    assert all(bo.state is S for bo in everything)
+    before = m.stats()
+    for future in m.prefetch(everything):
+        assert future.result(timeout=60) is None
+    after = check_budget(m)
+    assert all(bo.state is R for bo in everything)
+    assert after.restore_batches > before.restore_batches
+    assert after.restores - before.restores == len(everything)
+    assert after.bytes_restored - before.bytes_restored == sum(bo.nbytes for bo in everything)
+    assert_intact(bos)
+    assert all(not bo.read().any() for bo in fresh)
+    # Restored clean: evicting them again copies nothing (the swap cache holds).
+    copied = m.stats().bytes_evicted
+    m.evict(m.stats().resident_bytes)
+    assert m.stats().bytes_evicted == copied
+    assert_intact(bos)
+
+
+def test_prefetch_batches_stay_within_the_budget(make_mgr: MakeMgr) -> None:
+    """Twice the budget of small BOs: the batch restores evict others as they
+    go, and the budget holds at every step."""
+    n, size = 128, 4 * KiB
+    m = make_mgr(budget=n * size // 2, store_size="32MiB")
+    bos = fill(m, [size] * n, seed=2000)
+    for start in range(0, n, n // 4):
+        group = [bo for bo, _ in bos[start : start + n // 4]]
+        for future in m.prefetch(group):
+            future.result(timeout=60)
+        check_budget(m)
+        assert all(bo.state is R for bo in group)
+    assert m.stats().restore_batches >= 1
+    assert_intact(bos)
+
+
+def test_prefetch_list_with_duplicates_freed_and_resident_bos(make_mgr: MakeMgr) -> None:
+    size = 8 * KiB
+    m = make_mgr(budget=64 * size, store_size="16MiB")
+    bos = fill(m, [size] * 8, seed=3000)
+    m.evict(m.stats().resident_bytes)
+    freed = bos[3][0]
+    freed.free()
+    bos[5][0].restore()
+    items = [bos[0][0], bos[1][0], bos[1][0], freed, bos[2][0], bos[5][0], bos[6][0], bos[0][0]]
+    futures = m.prefetch(items)
+    for bo, future in zip(items, futures, strict=True):
+        if bo is freed:
+            with pytest.raises(gpubo.BufferFreed):
+                future.result(timeout=60)
+        else:
+            assert future.result(timeout=60) is None
+            assert bo.state is R
+    assert bos[4][0].state is S and bos[7][0].state is S  # not asked for
+    assert m.stats().restore_batches == 1
+    assert_intact([b for b in bos if b[0] is not freed])
+    check_budget(m)
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+def test_corrupted_bo_in_a_prefetch_batch_fails_alone(
+    make_mgr: MakeMgr, tmp_path: Path, backend: str
+) -> None:
+    """One flipped byte among a batch: that BO's future raises IntegrityError
+    and it stays swapped; the others are restored (one by one after the
+    batch fails), byte for byte, and the budget holds."""
+    n, size = 24, 4 * KiB
+    m = make_mgr(budget=4 * n * size, store=tmp_path / "s", store_size="16MiB", store_backend=backend)
+    bos = fill(m, [size] * n, seed=4000)
+    m.evict(m.stats().resident_bytes)
+    victim, data = bos[9]
+    path = tmp_path / "s" / DATA_FILE[backend]
+    raw = path.read_bytes()
+    pos = raw.find(data[:64].tobytes())
+    assert pos >= 0 and raw.find(data[:64].tobytes(), pos + 1) < 0
+    with open(path, "r+b") as f:
+        f.seek(pos + 200)
+        f.write(bytes([raw[pos + 200] ^ 0x04]))
+    before = m.stats()
+    futures = m.prefetch([bo for bo, _ in bos])
+    for i, future in enumerate(futures):
+        if i == 9:
+            with pytest.raises(gpubo.IntegrityError) as info:
+                future.result(timeout=60)
+            assert info.value.offset == 0
+        else:
+            assert future.result(timeout=60) is None
+    after = check_budget(m)
+    assert victim.state is S
+    assert after.restore_batches == before.restore_batches  # the batch failed as a whole
+    assert after.restores - before.restores == n - 1
+    assert after.swapped_bytes == size
+    assert_intact([b for b in bos if b[0] is not victim])
+    victim.write(data)  # a whole overwrite recovers it
+    assert np.array_equal(victim.read(), data)

@@ -54,7 +54,11 @@ def test_batched_section(results: dict) -> None:
         assert row["count"] * row["nbytes"] == row["total_bytes"]
         # The budget starts full: the first BO goes alone, then batches grow.
         assert row["batches_per_evict"] >= 2, row
-        for name in ("batched_evictions_per_s", "singles_evictions_per_s", "batched_vs_raw_one"):
+        assert row["restore_batches_per_prefetch"] >= 1, row
+        for name in (
+            "batched_evictions_per_s", "singles_evictions_per_s", "batched_vs_raw_one",
+            "prefetch_restores_per_s", "singles_restores_per_s", "prefetch_vs_raw_h2d_each",
+        ):  # fmt: skip
             assert _positive(row[name]), name
     assert any(g["goal"].startswith("4 KiB evictions per second, batched") for g in results["goals"])
 

@@ -382,6 +382,20 @@ class OpenCLBackend:
         except cl.Error as e:
             raise _translate(e, "writing a buffer", data.nbytes) from e
 
+    def upload_nowait(self, buf: cl.Buffer, data: np.ndarray) -> cl.Event:
+        """Enqueue a copy of ``data``'s bytes into ``buf`` and return its event
+        without waiting: ``data`` must stay valid until the event completes.
+        Copies enqueued together stream through the device one after the
+        other, where each blocking copy pays a full round trip.
+
+        Raises:
+            OutOfDeviceMemory, DeviceError: the copy could not be enqueued.
+        """
+        try:
+            return cl.enqueue_copy(self.queue, buf, data, is_blocking=False)
+        except cl.Error as e:
+            raise _translate(e, "writing a buffer", data.nbytes) from e
+
     @staticmethod
     def wait(events: Sequence[cl.Event]) -> None:
         """Block until every event completed.

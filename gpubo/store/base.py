@@ -655,19 +655,52 @@ class SwapStore(ABC):
             IntegrityError: the stored bytes are missing or fail their checksum.
             StoreError: the store failed.
         """
-        if entry.nbytes > CHUNK_BYTES or entry.zeromap is not None or entry.stored_bytes != entry.nbytes:
-            yield None
-            return
-        with self._stored_view(entry, label) as view:
-            if view is not None and entry.checksums is not None:
-                hasher = _Hasher()
-                hasher.add(view)
-                self._verify(entry, plan_chunks(entry.nbytes, None)[0], hasher, label)
-            yield view
+        with self.verified_views([entry], [label]) as views:
+            yield views[0]
+
+    @contextlib.contextmanager
+    def verified_views(
+        self, entries: Sequence[Entry], labels: Sequence[str]
+    ) -> Iterator[list[memoryview | None]]:
+        """:meth:`verified_view` of several entries at once (one LMDB read
+        transaction for all): every view is verified before any is lent, and
+        all stay valid until the ``with`` block ends.
+
+        Raises:
+            IntegrityError: an entry's bytes are missing or fail their
+                checksum (``bo`` names its label); nothing is lent.
+            StoreError: the store failed.
+        """
+        lendable = [
+            i
+            for i, e in enumerate(entries)
+            if e.nbytes <= CHUNK_BYTES and e.zeromap is None and e.stored_bytes == e.nbytes
+        ]
+        views: list[memoryview | None] = [None] * len(entries)
+        with self._stored_views([entries[i] for i in lendable], [labels[i] for i in lendable]) as lent:
+            for i, view in zip(lendable, lent, strict=True):
+                entry = entries[i]
+                if view is not None and entry.checksums is not None:
+                    hasher = _Hasher()
+                    hasher.add(view)
+                    self._verify(entry, plan_chunks(entry.nbytes, None)[0], hasher, labels[i])
+                views[i] = view
+            yield views
+
+    @contextlib.contextmanager
+    def _stored_views(self, entries: list[Entry], labels: list[str]) -> Iterator[list[memoryview | None]]:
+        """Backend part of :meth:`verified_views`: unverified views (or None
+        each), valid until the block ends; by default one
+        :meth:`_stored_view` each."""
+        with contextlib.ExitStack() as stack:
+            yield [
+                stack.enter_context(self._stored_view(e, label))
+                for e, label in zip(entries, labels, strict=True)
+            ]
 
     @contextlib.contextmanager
     def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
-        """Backend part of :meth:`verified_view`: the unverified view, or None."""
+        """The unverified view of one entry, or None (the backend has none)."""
         yield None
 
     def _verify(self, entry: Entry, plan: ChunkPlan, hasher: _Hasher, label: str) -> None:

@@ -252,23 +252,27 @@ class LmdbStore(SwapStore):
             raise StoreError(f"reading {label} from the store failed: {e}") from e
 
     @contextlib.contextmanager
-    def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
-        # A one-chunk entry is one value: lent from the map inside a read
-        # transaction, which keeps its pages from reuse until the block ends.
+    def _stored_views(self, entries: list[Entry], labels: list[str]) -> Iterator[list[memoryview | None]]:
+        # One-chunk entries are one value each: lent from the map inside one
+        # read transaction (a thread may hold only one), which keeps their
+        # pages from reuse until the block ends.
         env = self._require_env()
         try:
             txn = env.begin(db=self._data_db, buffers=True)
         except lmdb.Error as e:
-            raise StoreError(f"reading {label} from the store failed: {e}") from e
+            raise StoreError(f"reading from the store failed: {e}") from e
         try:
-            value = txn.get(_KEY.pack(entry.key, 0))
-            if value is None or len(value) != entry.stored_bytes:
-                raise IntegrityError(
-                    f"{label}: store chunk at byte 0 is missing or truncated", bo=label, offset=0
-                )
-            yield memoryview(value)
+            views: list[memoryview | None] = []
+            for entry, label in zip(entries, labels, strict=True):
+                value = txn.get(_KEY.pack(entry.key, 0))
+                if value is None or len(value) != entry.stored_bytes:
+                    raise IntegrityError(
+                        f"{label}: store chunk at byte 0 is missing or truncated", bo=label, offset=0
+                    )
+                views.append(memoryview(value))
+            yield views
         except lmdb.Error as e:
-            raise StoreError(f"reading {label} from the store failed: {e}") from e
+            raise StoreError(f"reading from the store failed: {e}") from e
         finally:
             txn.abort()
 
