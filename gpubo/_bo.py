@@ -206,7 +206,7 @@ class BufferObject:
         try:
             yield buf
         finally:
-            self.manager._bo_unpin(self)
+            self.manager._bo_unpin(self, handed_out=True)
 
     @contextmanager
     def array(
@@ -232,7 +232,7 @@ class BufferObject:
         try:
             yield arr
         finally:
-            self.manager._bo_unpin(self)
+            self.manager._bo_unpin(self, handed_out=True)
 
     def evict(self) -> None:
         """Swap the BO out now (waiting for kernels using it). No-op if swapped.

@@ -517,8 +517,9 @@ class Manager:
     def prefetch(self, bos: Sequence[BufferObject]) -> list[Future[None]]:
         """Start restoring ``bos`` in the background and return at once.
 
-        Restores run on one worker thread, in order, so they overlap kernels
-        and host work; a later use of a BO waits only for what is still in
+        Restores run on one worker thread, in order, and on the backend's
+        transfer queue, so they overlap host work and the kernels already
+        queued; a later use of a BO waits only for what is still in
         flight. Consecutive small BOs (up to :data:`BATCH_MAX_BO_BYTES` each,
         :data:`BATCH_BYTES` or half the budget in all) are restored together:
         their copies are enqueued at once and waited for once
@@ -1037,8 +1038,15 @@ class Manager:
         buf = self._bo_pin(bo, dirty=not readonly)
         return cl_array.Array(self.queue, dims, dt, data=buf)
 
-    def _bo_unpin(self, bo: BufferObject) -> None:
+    def _bo_unpin(self, bo: BufferObject, handed_out: bool = False) -> None:
+        """End a pin. ``handed_out``: the holder had the raw buffer (``pin``,
+        ``array``) and may have left commands on the queue that use it; a
+        marker after them joins the BO's events, so that an eviction, a free
+        or a reuse of the buffer waits for them."""
+        fence = self.backend.fence() if handed_out else None
         with self._lock:
+            if fence is not None and bo.state is State.RESIDENT:
+                bo.events.append(fence)
             if bo.state is State.FREED:  # close() freed it inside the pin
                 return
             bo.pin_count -= 1
@@ -1296,7 +1304,7 @@ class Manager:
         buf = self._new_buffer(bo.nbytes, zero=entry is None and content is None, group=bo.group)
         try:
             if content is not None:
-                self.backend.upload(buf, content, 0)
+                self.backend.upload(buf, content, 0, fresh=True)
             elif entry is not None:
                 swap_in(self.backend, self.store, entry, buf, bo.label())
         except BaseException:

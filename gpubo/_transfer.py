@@ -72,7 +72,7 @@ def swap_in(backend: OpenCLBackend, store: SwapStore, entry: Entry, buf: cl.Buff
     """
     with store.verified_view(entry, label) as stored:
         if stored is not None:  # one copy command straight from the store's mapping
-            backend.upload(buf, np.frombuffer(stored, np.uint8), 0)
+            backend.upload(buf, np.frombuffer(stored, np.uint8), 0, fresh=True)
             return
     with backend.map_write(buf, entry.nbytes) as view:
         store.read_into(entry, view, label)

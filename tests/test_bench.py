@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from gpubo.cli import main
 
 SECTIONS = (
-    "machine", "config", "limit", "throughput", "batched", "staged", "zict", "bookkeeping", "gemm", "goals",
+    "machine", "config", "limit", "throughput", "batched", "staged", "zict", "bookkeeping", "gemm", "overlap",
+    "goals",
 )  # fmt: skip
 
 
@@ -103,3 +104,11 @@ def test_goals_listed(results: dict) -> None:
     assert results["goals"]
     for goal in results["goals"]:
         assert isinstance(goal["met"], bool) and goal["goal"]
+
+
+def test_overlap_section(results: dict) -> None:
+    o = results["overlap"]
+    assert o["reps"] >= 1 and o["kernel_iters"] >= 1
+    for name in ("prefetch_s", "kernel_s", "prefetch_vs_kernel"):
+        assert _positive(o[name]), name
+    assert len(o["prefetch_samples_s"]) == len(o["kernel_samples_s"]) == o["reps"]

@@ -756,3 +756,87 @@ def test_prefetch_worker_is_shared_and_ordered(mgr: gpubo.Manager) -> None:
     assert order == [0, 1, 2, 3]
     workers = {t.name for t in threading.enumerate() if t.name.startswith("gpubo-prefetch")}
     assert len(workers) == 1
+
+
+# -- the transfer queue: restores do not wait behind queued kernels -------------
+
+
+class _Gate:
+    """Holds the manager's kernel queue: a marker waiting on a user event, so
+    that every command enqueued after it waits until the gate opens."""
+
+    def __init__(self, m: gpubo.Manager) -> None:
+        self.event = cl.UserEvent(m.context)
+        cl.enqueue_marker(m.queue, wait_for=[self.event])
+
+    def open(self) -> None:
+        if self.event.command_execution_status != cl.command_execution_status.COMPLETE:
+            self.event.set_status(cl.command_execution_status.COMPLETE)
+
+
+def test_prefetch_and_alloc_do_not_wait_for_the_kernel_queue(mgr: gpubo.Manager) -> None:
+    """With the kernel queue held, a prefetch (one BO, and a batch of small
+    ones) and a new allocation still complete: they go on the transfer queue.
+    Reads then wait for the queue, and every byte is right."""
+    big, big_data = filled(mgr, MiB, seed=60)
+    small = [filled(mgr, 4096, seed=61 + i) for i in range(8)]
+    big.evict()
+    for bo, _ in small:
+        bo.evict()
+    gate = _Gate(mgr)
+    try:
+        futures = mgr.prefetch([big] + [bo for bo, _ in small])
+        for f in futures:
+            assert f.result(timeout=30) is None
+        fresh = mgr.alloc(2 * MiB)
+        assert big.state is State.RESIDENT and all(bo.state is State.RESIDENT for bo, _ in small)
+        assert mgr.stats().restore_batches == 1
+    finally:
+        gate.open()
+    np.testing.assert_array_equal(big.read(), big_data)
+    for bo, data in small:
+        np.testing.assert_array_equal(bo.read(), data)
+    assert not fresh.read().any()
+    check_budget(mgr)
+
+
+def test_eviction_still_follows_queued_kernels(mgr: gpubo.Manager, build_kernel: BuildKernel) -> None:
+    """Copies out of a BO stay on the kernel queue: an eviction waits for a
+    kernel queued behind the gate and stores its result, not the old bytes."""
+    inc = build_kernel(mgr, INC_SRC, "inc")
+    bo, data = filled(mgr, MiB, seed=70)
+    gate = _Gate(mgr)
+    evicted = threading.Event()
+    try:
+        mgr.launch(inc, (MiB,), None, bo)
+        worker = threading.Thread(target=lambda: (bo.evict(), evicted.set()))
+        worker.start()
+        assert not evicted.wait(0.3)  # held by the kernel behind the gate
+    finally:
+        gate.open()
+    worker.join(timeout=30)
+    assert evicted.is_set() and bo.state is State.SWAPPED
+    np.testing.assert_array_equal(bo.read(), data + 1)
+
+
+def test_buffer_of_an_array_block_is_reused_only_after_its_commands(mgr: gpubo.Manager) -> None:
+    """An array operation left queued at the end of a ``bo.array`` block: the
+    BO's free waits for it (a marker joins the BO's events), so the pooled
+    buffer's zero fill for the next allocation, on the transfer queue, comes
+    after it, and the new BO reads as zeros."""
+    bo, _ = filled(mgr, MiB, seed=80)
+    gate = _Gate(mgr)
+    freed = threading.Event()
+    try:
+        with bo.array(MiB // 4, np.uint32) as arr:
+            arr.fill(7)  # queued behind the gate
+        worker = threading.Thread(target=lambda: (bo.free(), freed.set()))
+        worker.start()
+        assert not freed.wait(0.3)
+    finally:
+        gate.open()
+    worker.join(timeout=30)
+    assert freed.is_set()
+    assert mgr.stats().pooled_bytes >= MiB
+    fresh = mgr.alloc(MiB)
+    assert not fresh.read().any()

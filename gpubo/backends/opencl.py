@@ -191,16 +191,21 @@ def describe_platforms() -> list[dict[str, Any]]:
 
 
 class OpenCLBackend:
-    """One OpenCL device, context and in-order queue.
+    """One OpenCL device and context, with two in-order queues.
 
-    Raises (constructor):
-        TypeError: ``device`` is not None, a pyopencl.Device or a Context.
-        DeviceError: no device, or the context or queue cannot be created.
+    ``queue`` carries everything that touches a resident BO's buffer: the
+    kernels, reads and writes of BOs, and the copies out of them for an
+    eviction; their order on it is what keeps them consistent.
+    ``transfer_queue`` carries the copies into buffers that nothing else
+    uses yet (restores, zero fills of new or reused buffers), so that a
+    restore or a prefetch does not wait behind the kernels queued on
+    ``queue``. Every command on it is waited for before its buffer is handed
+    on, and a buffer reaches it only once its last use on ``queue`` is over:
+    its BO's kernels are waited for (with a marker after each ``pin`` or
+    ``array`` block; see :meth:`fence`), and its first command on
+    ``transfer_queue`` waits for the unmap that ended its eviction (left
+    unwaited on ``queue``, where the next command is ordered after it anyway).
 
-    Notes:
-        Constant after init: ``context``, ``device``, ``queue``, ``name``,
-        ``max_alloc_bytes``, ``global_mem_bytes``. Thread-safe; see the module
-        docstring.
     """
 
     def __init__(self, device: cl.Device | cl.Context | str | None = None) -> None:
@@ -220,11 +225,13 @@ class OpenCLBackend:
                     f"got {type(device).__name__}"
                 )
             queue = cl.CommandQueue(ctx, dev)
+            transfer_queue = cl.CommandQueue(ctx, dev)
         except cl.Error as e:
             raise DeviceError(f"cannot open OpenCL device: {e}") from e
         self.context: cl.Context = ctx
         self.device: cl.Device = dev
         self.queue: cl.CommandQueue = queue
+        self.transfer_queue: cl.CommandQueue = transfer_queue
         platform = dev.platform.name
         self.name = "pocl" if platform == _POCL_PLATFORM else dev.name.strip()
         self.max_alloc_bytes = int(dev.max_mem_alloc_size)
@@ -233,6 +240,10 @@ class OpenCLBackend:
         self._gather_lock = threading.Lock()
         self._gather_kernel: cl.Kernel | None = None
         self._gather_failed = False
+        # Unmaps left in flight on ``queue``, by buffer: the next command on
+        # ``transfer_queue`` for that buffer waits for its unmap.
+        self._unmaps: dict[int, cl.Event] = {}
+        self._unmaps_lock = threading.Lock()
 
     def allocate(self, nbytes: int) -> cl.Buffer:
         """A new device buffer of ``nbytes``, allocated for real and zeroed.
@@ -265,23 +276,36 @@ class OpenCLBackend:
             OutOfDeviceMemory, DeviceError: the fill failed.
         """
         try:
-            cl.enqueue_fill_buffer(self.queue, buf, _ZERO_BYTE, 0, nbytes).wait()
+            cl.enqueue_fill_buffer(
+                self.transfer_queue, buf, _ZERO_BYTE, 0, nbytes, wait_for=self._after_unmap(buf)
+            ).wait()
         except cl.Error as e:
             raise _translate(e, "zero-filling a buffer", nbytes) from e
 
-    @staticmethod
-    def release(buf: cl.Buffer) -> None:
+    def release(self, buf: cl.Buffer) -> None:
         """Give ``buf``'s device memory back now (not when Python collects it)."""
+        with self._unmaps_lock:
+            self._unmaps.pop(buf.int_ptr, None)
         try:
             buf.release()
         except cl.Error as e:  # an already-released buffer; nothing to give back
             log.debug("release of a buffer failed: %s", e)
 
     @contextmanager
-    def _map(self, buf: cl.Buffer, nbytes: int, flags: cl.map_flags) -> Iterator[memoryview]:
+    def _map(
+        self, queue: cl.CommandQueue, buf: cl.Buffer, nbytes: int, flags: cl.map_flags
+    ) -> Iterator[memoryview]:
+        transfer = queue is self.transfer_queue
         try:
             arr, _ = cl.enqueue_map_buffer(
-                self.queue, buf, flags, 0, (nbytes,), np.dtype(np.uint8), is_blocking=True
+                queue,
+                buf,
+                flags,
+                0,
+                (nbytes,),
+                np.dtype(np.uint8),
+                wait_for=self._after_unmap(buf) if transfer else None,
+                is_blocking=True,
             )
         except cl.Error as e:
             raise _translate(e, "mapping a buffer", nbytes) from e
@@ -289,9 +313,20 @@ class OpenCLBackend:
             yield memoryview(arr)
         finally:
             try:
-                arr.base.release(self.queue)
+                unmap = arr.base.release(queue)
+                if transfer:
+                    unmap.wait()  # the restored buffer goes on to ``queue``
+                else:
+                    with self._unmaps_lock:
+                        self._unmaps[buf.int_ptr] = unmap
             except cl.Error as e:
                 raise _translate(e, "unmapping a buffer", nbytes) from e
+
+    def _after_unmap(self, buf: cl.Buffer) -> list[cl.Event] | None:
+        """What a first command on ``transfer_queue`` for ``buf`` must wait for."""
+        with self._unmaps_lock:
+            unmap = self._unmaps.pop(buf.int_ptr, None)
+        return None if unmap is None else [unmap]
 
     def map_read(self, buf: cl.Buffer, nbytes: int) -> Any:
         """Context manager: a host view of the device buffer's bytes, to read.
@@ -299,15 +334,16 @@ class OpenCLBackend:
         On a CPU device this is the buffer itself (zero-copy); on a GPU the
         driver stages it. The view is valid only inside the ``with`` block.
         """
-        return self._map(buf, nbytes, cl.map_flags.READ)
+        return self._map(self.queue, buf, nbytes, cl.map_flags.READ)
 
     def map_write(self, buf: cl.Buffer, nbytes: int) -> Any:
-        """Context manager: a writable host view that replaces the whole buffer.
+        """Context manager: a writable host view that replaces the whole of
+        ``buf``, a buffer nothing else uses yet (on ``transfer_queue``).
 
         The old content is not read back (WRITE_INVALIDATE_REGION); whatever is
         written into the view is on the device when the block ends.
         """
-        return self._map(buf, nbytes, cl.map_flags.WRITE_INVALIDATE_REGION)
+        return self._map(self.transfer_queue, buf, nbytes, cl.map_flags.WRITE_INVALIDATE_REGION)
 
     def gather(self, dst: cl.Buffer, parts: Sequence[tuple[cl.Buffer, int, int]]) -> None:
         """Enqueue device-side copies of ``(src, nbytes, dst_offset)`` into ``dst``.
@@ -375,16 +411,28 @@ class OpenCLBackend:
         except cl.Error as e:
             raise _translate(e, "reading a buffer", out.nbytes) from e
 
-    def upload(self, buf: cl.Buffer, data: np.ndarray, offset: int) -> None:
-        """Copy the bytes of ``data`` into ``buf`` at byte ``offset``."""
+    def upload(self, buf: cl.Buffer, data: np.ndarray, offset: int, *, fresh: bool = False) -> None:
+        """Copy the bytes of ``data`` into ``buf`` at byte ``offset``; ``fresh``:
+        ``buf`` is one nothing else uses yet (the copy goes on ``transfer_queue``)."""
         try:
-            cl.enqueue_copy(self.queue, buf, data, dst_offset=offset, is_blocking=True)
+            if fresh:
+                cl.enqueue_copy(
+                    self.transfer_queue,
+                    buf,
+                    data,
+                    dst_offset=offset,
+                    wait_for=self._after_unmap(buf),
+                    is_blocking=True,
+                )
+            else:
+                cl.enqueue_copy(self.queue, buf, data, dst_offset=offset, is_blocking=True)
         except cl.Error as e:
             raise _translate(e, "writing a buffer", data.nbytes) from e
 
     def upload_nowait(self, buf: cl.Buffer, data: np.ndarray) -> cl.Event:
-        """Enqueue a copy of ``data``'s bytes into ``buf`` and return its event
-        without waiting: ``data`` must stay valid until the event completes.
+        """Enqueue a copy of ``data``'s bytes into ``buf``, a buffer nothing
+        else uses yet (on ``transfer_queue``), and return its event without
+        waiting: ``data`` must stay valid until the event completes.
         Copies enqueued together stream through the device one after the
         other, where each blocking copy pays a full round trip.
 
@@ -392,7 +440,9 @@ class OpenCLBackend:
             OutOfDeviceMemory, DeviceError: the copy could not be enqueued.
         """
         try:
-            return cl.enqueue_copy(self.queue, buf, data, is_blocking=False)
+            return cl.enqueue_copy(
+                self.transfer_queue, buf, data, wait_for=self._after_unmap(buf), is_blocking=False
+            )
         except cl.Error as e:
             raise _translate(e, "writing a buffer", data.nbytes) from e
 
@@ -443,9 +493,23 @@ class OpenCLBackend:
         except cl.Error as e:
             raise _translate(e, f"launching kernel {kernel.function_name!r}") from e
 
+    def fence(self) -> cl.Event:
+        """An event that completes once everything enqueued on ``queue`` so far
+        has (a marker): a BO's buffer handed out raw (``pin``, ``array``) may
+        have commands of its holder still queued when the block ends.
+
+        Raises:
+            DeviceError: the marker could not be enqueued.
+        """
+        try:
+            return cl.enqueue_marker(self.queue)
+        except cl.Error as e:
+            raise _translate(e, "enqueueing a marker") from e
+
     def finish(self) -> None:
         """Wait for everything queued on the device."""
         try:
             self.queue.finish()
+            self.transfer_queue.finish()
         except cl.Error as e:
             raise DeviceError(f"finishing the queue failed: {e}") from e
