@@ -36,7 +36,7 @@ def test_every_section_is_there(results: dict) -> None:
 def test_limit_and_throughput_are_positive(results: dict) -> None:
     assert results["limit"] and results["throughput"]
     for row in results["limit"]:
-        for name in ("d2h", "h2d", "write_fdatasync"):
+        for name in ("d2h", "h2d", "write", "write_fdatasync"):
             assert _positive(row[name]["median_gbps"]), (row["nbytes"], name)
     for row in results["throughput"]:
         assert row["cases"]
@@ -44,6 +44,7 @@ def test_limit_and_throughput_are_positive(results: dict) -> None:
             for name in ("evict", "restore"):
                 assert _positive(case[name]["median_gbps"]), (row["nbytes"], name)
             assert _positive(case["evict_vs_d2h"]["of_medians"])
+            assert _positive(case["evict_vs_write"])
             assert _positive(case["restore_vs_h2d"]["of_medians"])
             assert _positive(case["evictions_per_s"])
 
