@@ -1496,7 +1496,7 @@ class Manager:
             return None
         if got is None:
             try:
-                got = self.backend.allocate(nbytes)
+                got = self.backend.allocate(nbytes, kernel_queue=True)
             except OutOfDeviceMemory:
                 self._uncharge(nbytes, None)
                 log.info("no device memory for a %d-byte staging buffer: evicting one by one", nbytes)

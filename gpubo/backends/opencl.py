@@ -245,11 +245,14 @@ class OpenCLBackend:
         self._unmaps: dict[int, cl.Event] = {}
         self._unmaps_lock = threading.Lock()
 
-    def allocate(self, nbytes: int) -> cl.Buffer:
+    def allocate(self, nbytes: int, *, kernel_queue: bool = False) -> cl.Buffer:
         """A new device buffer of ``nbytes``, allocated for real and zeroed.
 
         OpenCL allocates lazily; the fill forces the allocation so that
-        out-of-memory shows here, where the manager can still evict.
+        out-of-memory shows here, where the manager can still evict. It goes
+        on ``transfer_queue``, or on ``queue`` with ``kernel_queue`` (a buffer
+        used there first, such as a batch's staging buffer: a fill on the
+        other queue costs more there, measured with PoCL).
 
         Raises:
             OutOfDeviceMemory: the device could not allocate it.
@@ -258,7 +261,7 @@ class OpenCLBackend:
         buf = None
         try:
             buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
-            self.zero(buf, nbytes)
+            self.zero(buf, nbytes, kernel_queue=kernel_queue)
         except cl.Error as e:
             if buf is not None:
                 buf.release()
@@ -269,16 +272,21 @@ class OpenCLBackend:
             raise
         return buf
 
-    def zero(self, buf: cl.Buffer, nbytes: int) -> None:
-        """Fill the first ``nbytes`` of ``buf`` with zeros and wait.
+    def zero(self, buf: cl.Buffer, nbytes: int, *, kernel_queue: bool = False) -> None:
+        """Fill the first ``nbytes`` of ``buf``, a buffer nothing else uses
+        yet, with zeros and wait (on ``transfer_queue``, or ``queue`` with
+        ``kernel_queue``).
 
         Raises:
             OutOfDeviceMemory, DeviceError: the fill failed.
         """
         try:
-            cl.enqueue_fill_buffer(
-                self.transfer_queue, buf, _ZERO_BYTE, 0, nbytes, wait_for=self._after_unmap(buf)
-            ).wait()
+            if kernel_queue:
+                cl.enqueue_fill_buffer(self.queue, buf, _ZERO_BYTE, 0, nbytes).wait()
+            else:
+                cl.enqueue_fill_buffer(
+                    self.transfer_queue, buf, _ZERO_BYTE, 0, nbytes, wait_for=self._after_unmap(buf)
+                ).wait()
         except cl.Error as e:
             raise _translate(e, "zero-filling a buffer", nbytes) from e
 
