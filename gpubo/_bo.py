@@ -197,6 +197,9 @@ class BufferObject:
         """Make the BO resident and keep it so for the ``with`` block.
 
         Yields the ``pyopencl.Buffer``; it is valid only inside the block.
+        Commands on it belong on ``manager.queue``: the end of the block
+        puts a marker after them, and the buffer is not evicted, freed or
+        reused before they complete.
 
         Raises:
             BufferFreed: the BO was freed.
@@ -220,7 +223,10 @@ class BufferObject:
         refuses it). ``readonly=True`` promises the block only reads, so the
         BO's clean store copy stays valid (an eviction after the block costs
         no copy); a launch with the array still follows the kernel's
-        signature (a parameter not declared ``const`` dirties the BO).
+        signature (a parameter not declared ``const`` dirties the BO). The
+        array's operations run on ``manager.queue``; those still queued when
+        the block ends are waited for before the buffer is evicted, freed or
+        reused.
 
         Raises:
             TypeError, ValueError: bad ``shape`` or ``dtype``, or the array
