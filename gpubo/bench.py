@@ -1326,6 +1326,11 @@ def _f(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _batch_row(b: dict[str, Any], batches: str, *cells: str) -> list[str]:
+    """A row of sections 2b and 2c: the BO size, count, case and batches, then ``cells``."""
+    return [gpubo.format_bytes(b["nbytes"]), f"{b['count']:,}", b["case"], str(b[batches]), *cells]
+
+
 def tables(results: dict[str, Any]) -> str:
     """The human-readable report of :func:`run`'s results."""
     fmt = gpubo.format_bytes
@@ -1405,18 +1410,16 @@ def tables(results: dict[str, Any]) -> str:
                     "vs raw one buffer",
                 ],
                 [
-                    [
-                        fmt(b["nbytes"]),
-                        f"{b['count']:,}",
-                        b["case"],
-                        str(b["batches_per_evict"]),
+                    _batch_row(
+                        b,
+                        "batches_per_evict",
                         f"{b['batched_evictions_per_s']:,.0f}",
                         _f(b["batched_gbps"]),
                         f"{b['singles_evictions_per_s']:,.0f}",
                         _f(b["batched_vs_singles"]) + "x",
                         _f(b["batched_vs_raw_each"]) + "x",
                         _f(b["batched_vs_raw_one"]) + "x",
-                    ]
+                    )
                     for b in results["batched"]
                 ],
             ),
@@ -1436,16 +1439,14 @@ def tables(results: dict[str, Any]) -> str:
                     "vs raw each",
                 ],
                 [
-                    [
-                        fmt(b["nbytes"]),
-                        f"{b['count']:,}",
-                        b["case"],
-                        str(b["restore_batches_per_prefetch"]),
+                    _batch_row(
+                        b,
+                        "restore_batches_per_prefetch",
                         f"{b['prefetch_restores_per_s']:,.0f}",
                         f"{b['singles_restores_per_s']:,.0f}",
                         _f(b["prefetch_vs_singles"]) + "x",
                         _f(b["prefetch_vs_raw_h2d_each"]) + "x",
-                    ]
+                    )
                     for b in results["batched"]
                 ],
             ),

@@ -19,6 +19,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 R, S = gpubo.State.RESIDENT, gpubo.State.SWAPPED
 MakeMgr = Callable[..., gpubo.Manager]
+DATA_FILE = {"lmdb": "data.mdb", "slotfile": "slots.bin"}
 
 COMBOS = [
     pytest.param("lmdb", "lazy", True, id="lmdb-lazy-cs"),
@@ -261,8 +262,6 @@ def test_gather_paths_are_byte_exact(make_mgr: MakeMgr, path: str) -> None:
 
 
 # -- batched restores (mgr.prefetch of small BOs) ----------------------------
-
-DATA_FILE = {"lmdb": "data.mdb", "slotfile": "slots.bin"}
 
 
 @pytest.mark.parametrize(("backend", "durability", "checksums"), COMBOS)
