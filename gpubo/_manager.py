@@ -1046,6 +1046,7 @@ class Manager:
         fence = self.backend.fence() if handed_out else None
         with self._lock:
             if fence is not None and bo.state is State.RESIDENT:
+                self._prune_events_locked(bo)  # a BO pinned over and over keeps a short list
                 bo.events.append(fence)
             if bo.state is State.FREED:  # close() freed it inside the pin
                 return

@@ -840,3 +840,17 @@ def test_buffer_of_an_array_block_is_reused_only_after_its_commands(mgr: gpubo.M
     assert mgr.stats().pooled_bytes >= MiB
     fresh = mgr.alloc(MiB)
     assert not fresh.read().any()
+
+
+def test_many_pin_blocks_keep_a_short_event_list(mgr: gpubo.Manager) -> None:
+    """Each pin or array block adds a marker to the BO's events; finished
+    ones are dropped as new ones come, so the list does not grow."""
+    bo, data = filled(mgr, 4096, seed=90)
+    for _ in range(200):
+        with bo.pin():
+            pass
+        with bo.array(1024, np.uint32, readonly=True):
+            pass
+        mgr.queue.finish()
+    assert len(bo.events) <= 2
+    np.testing.assert_array_equal(bo.read(), data)
