@@ -26,6 +26,7 @@ callers decide what to evict.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -1043,7 +1044,14 @@ class Manager:
         ``array``) and may have left commands on the queue that use it; a
         marker after them joins the BO's events, so that an eviction, a free
         or a reuse of the buffer waits for them."""
-        fence = self.backend.fence() if handed_out else None
+        fence = None
+        if handed_out:
+            try:
+                fence = self.backend.fence()
+            except GpuboError as e:  # the pin must end all the same: wait for the queue instead
+                log.warning("no marker after %s's pin (%s): waiting for the queue", bo.label(), e)
+                with contextlib.suppress(GpuboError):
+                    self.backend.finish()
         with self._lock:
             if fence is not None and bo.state is State.RESIDENT:
                 self._prune_events_locked(bo)  # a BO pinned over and over keeps a short list

@@ -206,6 +206,14 @@ class OpenCLBackend:
     ``transfer_queue`` waits for the unmap that ended its eviction (left
     unwaited on ``queue``, where the next command is ordered after it anyway).
 
+    Raises (constructor):
+        TypeError: ``device`` is not None, a pyopencl.Device or a Context.
+        DeviceError: no device, or the context or a queue cannot be created.
+
+    Notes:
+        Constant after init: ``context``, ``device``, ``queue``,
+        ``transfer_queue``, ``name``, ``max_alloc_bytes``,
+        ``global_mem_bytes``. Thread-safe; see the module docstring.
     """
 
     def __init__(self, device: cl.Device | cl.Context | str | None = None) -> None:
