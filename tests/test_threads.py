@@ -203,3 +203,48 @@ def test_threads_share_bos_for_reading(make_mgr: Callable[..., gpubo.Manager]) -
     assert not errors, errors[:3]
     for bo, d in zip(bos, datas, strict=True):
         assert np.array_equal(bo.read(), d)
+
+
+class SmallWorker(Worker):
+    """A worker of small BOs (batched on eviction and on prefetch) that also
+    prefetches its BOs, while the others evict, launch, read and write."""
+
+    def _size(self) -> int:
+        return int(self.rng.choice([4 * KiB, 4 * KiB + 100, 16 * KiB, 64 * KiB, 256 * KiB]))
+
+    def step(self) -> None:
+        if self.bos and self.rng.integers(0, 5) == 0:
+            self.ops["prefetch"] = self.ops.get("prefetch", 0) + 1
+            for future in self.m.prefetch([bo for bo, _ in self.bos]):
+                future.result(timeout=60)
+            return
+        super().step()
+
+
+@pytest.mark.pressure
+@pytest.mark.timeout(120)
+def test_threads_prefetch_small_bos_in_batches(
+    make_mgr: Callable[..., gpubo.Manager], build_kernel: Callable
+) -> None:
+    """Batched prefetches race with other threads' evictions (batched too),
+    launches, writes and frees: every byte stays right and the budget holds."""
+    m = make_mgr(budget="1MiB", store_size="64MiB")
+    inc = build_kernel(m, INC_SRC, "inc")
+    stop = threading.Event()
+    workers = [SmallWorker(m, inc, seed, stop) for seed in range(100, 100 + N_THREADS)]
+    threads = [threading.Thread(target=w.run, name=f"gpubo-small-{w.seed}") for w in workers]
+    for t in threads:
+        t.start()
+    stop.wait(3.0)
+    stop.set()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), f"{t.name} hung"
+    errors = [e for w in workers for e in w.errors]
+    assert not errors, "\n".join(errors)
+    s = m.stats()
+    assert sum(w.ops.get("prefetch", 0) for w in workers) > 0
+    assert s.restore_batches > 0 and s.eviction_batches > 0, s
+    assert s.bo_count == 0 and s.resident_bytes == 0 and s.swapped_bytes == 0 and s.pinned_bytes == 0
+    assert s.store_used_bytes == 0 and m.store.chunk_count() == 0
+    assert s.resident_bytes + s.pooled_bytes <= s.budget
