@@ -1505,7 +1505,8 @@ class Manager:
             return None
         if got is None:
             try:
-                got = self.backend.allocate(nbytes, kernel_queue=True)
+                # Only the bytes the gather writes are ever read back.
+                got = self.backend.allocate(nbytes, kernel_queue=True, zero=False)
             except OutOfDeviceMemory:
                 self._uncharge(nbytes, None)
                 log.info("no device memory for a %d-byte staging buffer: evicting one by one", nbytes)
@@ -1595,7 +1596,7 @@ class Manager:
         buf = self._charge(nbytes, group)
         while buf is None:
             try:
-                return self.backend.allocate(nbytes)  # allocate() zero-fills
+                return self.backend.allocate(nbytes, zero=zero)
             except OutOfDeviceMemory as e:
                 # The device is fuller than the budget says (other users,
                 # fragmentation, or a budget above the device's memory).

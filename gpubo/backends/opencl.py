@@ -36,6 +36,8 @@ _OOM_CODES = frozenset(
 )
 _POCL_PLATFORM = "Portable Computing Language"
 _ZERO_BYTE = np.zeros(1, np.uint8)
+#: What an allocation that need not be zeroed fills, to force the allocation.
+_TOUCH_BYTES = 4096
 _CONST = int(cl.kernel_arg_type_qualifier.CONST)
 
 #: Source buffers per launch of the gather kernel.
@@ -253,14 +255,17 @@ class OpenCLBackend:
         self._unmaps: dict[int, cl.Event] = {}
         self._unmaps_lock = threading.Lock()
 
-    def allocate(self, nbytes: int, *, kernel_queue: bool = False) -> cl.Buffer:
-        """A new device buffer of ``nbytes``, allocated for real and zeroed.
+    def allocate(self, nbytes: int, *, kernel_queue: bool = False, zero: bool = True) -> cl.Buffer:
+        """A new device buffer of ``nbytes``, allocated for real, and zeroed
+        unless ``zero`` is false (its content is then undefined: for a buffer
+        that is about to be overwritten whole, such as a restore's).
 
-        OpenCL allocates lazily; the fill forces the allocation so that
-        out-of-memory shows here, where the manager can still evict. It goes
-        on ``transfer_queue``, or on ``queue`` with ``kernel_queue`` (a buffer
-        used there first, such as a batch's staging buffer: a fill on the
-        other queue costs more there, measured with PoCL).
+        OpenCL allocates lazily; a fill forces the allocation so that
+        out-of-memory shows here, where the manager can still evict (without
+        ``zero``, a fill of its first page). It goes on ``transfer_queue``,
+        or on ``queue`` with ``kernel_queue`` (a buffer used there first, such
+        as a batch's staging buffer: a fill on the other queue costs more
+        there, measured with PoCL).
 
         Raises:
             OutOfDeviceMemory: the device could not allocate it.
@@ -269,7 +274,7 @@ class OpenCLBackend:
         buf = None
         try:
             buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
-            self.zero(buf, nbytes, kernel_queue=kernel_queue)
+            self.zero(buf, nbytes if zero else min(nbytes, _TOUCH_BYTES), kernel_queue=kernel_queue)
         except cl.Error as e:
             if buf is not None:
                 buf.release()
