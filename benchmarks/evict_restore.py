@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     print("evict after writeback (lazy): the store's file fdatasync'ed (untimed) before the eviction,")
     print("  as the OS's flusher does after ~30 s: the mapped pages are clean and fault on write again.")
     print("1st evict: the very first eviction into a fresh store (its pages first touched then).")
-    print("restore, fresh buf: a restore with no pooled device buffer (allocates and zero-fills).")
+    print("restore, fresh buf: a restore with no pooled device buffer (allocates one, fills its first page).")
     print("clean re-evict: evict right after a restore, unchanged; the swap cache copies nothing.")
     print("zero BO evict: a fresh, untouched BO (no data I/O); zero-written: every byte written as 0")
     print("  (zero-page detection reads it all, stores nothing); (vs D2H) its speed over raw D2H.")
