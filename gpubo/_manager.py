@@ -553,15 +553,12 @@ class Manager:
             i += max(1, len(run))
         return futures
 
-    def _batch_restore_limit(self) -> int:
-        """Bytes of small BOs restored in one batch."""
-        return min(BATCH_BYTES, self.budget // 2)
-
     def _prefetch_run(self, items: list[BufferObject], start: int) -> list[BufferObject]:
-        """The swapped small BOs from ``items[start]`` on that can be restored
-        in one batch (a hint: :meth:`_restore_batch` checks again), or []."""
+        """The swapped small BOs from ``items[start]`` on that are restored in
+        one batch (up to :data:`BATCH_BYTES` or half the budget), or [] (their
+        state is a hint: :meth:`_restore_batch` checks it under the locks)."""
         run: list[BufferObject] = []
-        total, limit = 0, self._batch_restore_limit()
+        total, limit = 0, min(BATCH_BYTES, self.budget // 2)
         for bo in items[start:]:
             if bo.nbytes > BATCH_MAX_BO_BYTES or bo.state is not State.SWAPPED or total + bo.nbytes > limit:
                 break
@@ -1250,26 +1247,22 @@ class Manager:
         bo.buf = buf
 
     def _restore_batch(self, bos: Sequence[BufferObject]) -> int:
-        """Restore the swapped small BOs of ``bos`` together; how many were
-        restored (0 when fewer than two could be). BOs another thread holds,
-        BOs not swapped and BOs larger than :data:`BATCH_MAX_BO_BYTES` are
-        left out, for the caller to restore one by one.
+        """Restore ``bos`` (a run from :meth:`_prefetch_run`) together; how
+        many were restored (0 when fewer than two could be). BOs another
+        thread holds or that are no longer swapped are left out, for the
+        caller to restore one by one.
 
         Raises:
             GpuboError: as a restore; then none of them was restored.
         """
         with self._room_lock:
             batch: list[BufferObject] = []
-            total, limit = 0, self._batch_restore_limit()
             try:
                 for bo in bos:
-                    if bo.nbytes > BATCH_MAX_BO_BYTES or total + bo.nbytes > limit:
-                        continue
                     if not bo.lock.acquire(blocking=False):
                         continue  # another thread holds it, or it is listed twice
                     if bo.state is State.SWAPPED and bo.entry is not None:
                         batch.append(bo)
-                        total += bo.nbytes
                     else:
                         bo.lock.release()
                 if len(batch) < 2:

@@ -1,9 +1,11 @@
 """The one place where bytes move between a device buffer and the store.
 
 Both directions copy exactly once: eviction maps the device buffer and the
-store copies from that mapping into its memory-mapped storage; restore maps
-the device buffer for writing (its old content discarded) and the store
-copies into it from a zero-copy view of its storage, verifying as it goes.
+store copies from that mapping into its memory-mapped storage; restore
+copies from a zero-copy, verified view of the store's storage into the
+device buffer (one copy command), or, for an entry larger than a chunk or
+with zero pages, maps the device buffer for writing (its old content
+discarded) and the store copies into it, verifying as it goes.
 No host array the size of the buffer is ever allocated here.
 
 Small buffers are evicted in batches (``swap_out_batch``): the device first
@@ -70,21 +72,18 @@ def swap_in(backend: OpenCLBackend, store: SwapStore, entry: Entry, buf: cl.Buff
             is then undefined and the entry is left as it was.
         StoreError, DeviceError, OutOfDeviceMemory: the copy failed.
     """
-    with store.verified_view(entry, label) as stored:
-        if stored is not None:  # one copy command straight from the store's mapping
-            backend.upload(buf, np.frombuffer(stored, np.uint8), 0, fresh=True)
-            return
-    with backend.map_write(buf, entry.nbytes) as view:
-        store.read_into(entry, view, label)
+    swap_in_batch(backend, store, [(entry, buf, label)])
 
 
 def swap_in_batch(
     backend: OpenCLBackend, store: SwapStore, parts: Sequence[tuple[Entry, cl.Buffer, str]]
 ) -> None:
     """Overwrite each ``buf`` of ``parts`` (``(entry, buf, label)``) with its
-    entry's verified bytes. Every entry the store can lend as one run is
-    verified first, then one copy command each is enqueued straight from the
-    store and all are waited for together; the others go by :func:`swap_in`.
+    entry's verified bytes. Every entry the store can lend as one run (one
+    chunk at most, no zero page) is verified first, then one copy command
+    each is enqueued straight from the store and all are waited for together
+    (a blocking copy would pay a round trip to the device each). The others
+    are copied into a mapping of their buffer, verified chunk by chunk.
 
     Raises:
         IntegrityError: stored bytes fail verification; nothing was copied
@@ -93,17 +92,26 @@ def swap_in_batch(
             buffers' content is undefined.
     """
     with store.verified_views([e for e, _, _ in parts], [label for _, _, label in parts]) as views:
-        lent = [view is not None for view in views]
+        lent = [
+            (buf, np.frombuffer(view, np.uint8))
+            for (_, buf, _), view in zip(parts, views, strict=True)
+            if view
+        ]
         events: list[cl.Event] = []
         try:
-            for (_, buf, _), view in zip(parts, views, strict=True):
-                if view is not None:
-                    events.append(backend.upload_nowait(buf, np.frombuffer(view, np.uint8)))
+            for buf, data in lent[:-1]:
+                events.append(backend.upload_nowait(buf, data))
+            if lent:
+                # The last copy blocks: the queue is in order, so the others
+                # are done by then (a lone copy costs less so, on PoCL).
+                backend.upload(*lent[-1], 0, fresh=True)
         except BaseException:
             with contextlib.suppress(GpuboError):
                 backend.wait(events)  # the views must outlive every copy from them
             raise
-        backend.wait(events)
-    for (entry, buf, label), done in zip(parts, lent, strict=True):
-        if not done:
-            swap_in(backend, store, entry, buf, label)
+        backend.wait(events)  # done already; a failed copy shows here
+        done = [view is not None for view in views]
+    for (entry, buf, label), copied in zip(parts, done, strict=True):
+        if not copied:
+            with backend.map_write(buf, entry.nbytes) as view:
+                store.read_into(entry, view, label)

@@ -125,6 +125,23 @@ class Worker:
             self.stop.set()
 
 
+def run_workers(
+    workers: list[Worker], stop: threading.Event, seconds: float, *others: threading.Thread
+) -> None:
+    """Run ``workers`` (and ``others``) for ``seconds``; assert none hung or failed."""
+    threads = [threading.Thread(target=w.run, name=f"gpubo-worker-{w.seed}") for w in workers]
+    threads += others
+    for t in threads:
+        t.start()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), f"{t.name} hung"
+    errors = [e for w in workers for e in w.errors]
+    assert not errors, "\n".join(errors)
+
+
 @pytest.mark.pressure
 @pytest.mark.timeout(120)
 def test_threads_random_ops(make_mgr: Callable[..., gpubo.Manager], build_kernel: Callable) -> None:
@@ -145,18 +162,7 @@ def test_threads_random_ops(make_mgr: Callable[..., gpubo.Manager], build_kernel
                 violations.append(f"pinned > resident: {s!r}")
             time.sleep(0.001)
 
-    threads = [threading.Thread(target=w.run, name=f"gpubo-worker-{w.seed}") for w in workers]
-    threads.append(threading.Thread(target=sampler, name="gpubo-sampler"))
-    for t in threads:
-        t.start()
-    stop.wait(SECONDS)
-    stop.set()
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), f"{t.name} hung"
-
-    errors = [e for w in workers for e in w.errors]
-    assert not errors, "\n".join(errors)
+    run_workers(workers, stop, SECONDS, threading.Thread(target=sampler, name="gpubo-sampler"))
     assert not violations, violations[:5]
     assert samples[0] > 100
 
@@ -232,16 +238,7 @@ def test_threads_prefetch_small_bos_in_batches(
     inc = build_kernel(m, INC_SRC, "inc")
     stop = threading.Event()
     workers = [SmallWorker(m, inc, seed, stop) for seed in range(100, 100 + N_THREADS)]
-    threads = [threading.Thread(target=w.run, name=f"gpubo-small-{w.seed}") for w in workers]
-    for t in threads:
-        t.start()
-    stop.wait(3.0)
-    stop.set()
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), f"{t.name} hung"
-    errors = [e for w in workers for e in w.errors]
-    assert not errors, "\n".join(errors)
+    run_workers(workers, stop, 3.0)
     s = m.stats()
     assert sum(w.ops.get("prefetch", 0) for w in workers) > 0
     assert s.restore_batches > 0 and s.eviction_batches > 0, s

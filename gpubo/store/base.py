@@ -167,9 +167,7 @@ def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
     Cheap for ordinary data: only pages whose first 8 bytes are zero are read
     in full; the others cost one cache line each.
     """
-    small = nbytes % PAGE_BYTES == 0 and nbytes <= _SMALL_SCAN_BYTES
-    # A few pages: their first words are looked at without numpy's per-call overhead.
-    if small and all(view.cast("B")[:nbytes].cast("Q")[:: PAGE_BYTES // 8]):
+    if nbytes % PAGE_BYTES == 0 and _no_zero_page_possible(view, nbytes):
         return None
     data = np.frombuffer(view, np.uint8, count=nbytes)
     full = nbytes // PAGE_BYTES
@@ -177,8 +175,6 @@ def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
     zero = np.zeros(npages, np.bool_)
     if full:
         words = data[: full * PAGE_BYTES].view(np.uint64).reshape(full, PAGE_BYTES // 8)
-        if npages == full and words[:, 0].all():  # the common case: no candidate at all
-            return None
         candidates = np.flatnonzero(words[:, 0] == 0)
         for lo in range(0, len(candidates), _PAGES_PER_CHUNK):  # bounded temporaries
             idx = candidates[lo : lo + _PAGES_PER_CHUNK]
@@ -186,6 +182,15 @@ def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
     if npages > full:
         zero[-1] = not data[full * PAGE_BYTES :].any()
     return zero if zero.any() else None
+
+
+def _no_zero_page_possible(view: memoryview, nbytes: int) -> bool:
+    """Every page of the first ``nbytes`` (whole pages) of ``view`` starts with
+    a non-zero 8-byte word, so none is all zeros: the common case, one look
+    per page (a few pages without numpy's per-call overhead)."""
+    if nbytes <= _SMALL_SCAN_BYTES:
+        return all(view.cast("B")[:nbytes].cast("Q")[:: PAGE_BYTES // 8])
+    return bool(np.frombuffer(view, np.uint64, count=nbytes // 8)[:: PAGE_BYTES // 8].all())
 
 
 def plan_chunks(nbytes: int, zero: np.ndarray | None) -> list[ChunkPlan]:
@@ -234,11 +239,9 @@ def _batch_zero_flags(src: memoryview, layout: Sequence[tuple[int, int]]) -> lis
     """:func:`scan_zero_pages` of every entry of a batch, with one vectorised
     look at the first word of each page of ``src`` for the common case of no
     candidate zero page at all."""
-    data = np.frombuffer(src, np.uint8)
-    if data.nbytes % PAGE_BYTES == 0 and all(off % PAGE_BYTES == 0 for off, _ in layout):
-        firsts = data.view(np.uint64)[:: PAGE_BYTES // 8]
-        if firsts.all():  # every page starts with a non-zero word: no zero page anywhere
-            return [None] * len(layout)
+    aligned = src.nbytes % PAGE_BYTES == 0 and all(off % PAGE_BYTES == 0 for off, _ in layout)
+    if aligned and _no_zero_page_possible(src, src.nbytes):
+        return [None] * len(layout)
     return [scan_zero_pages(src[off : off + n], n) for off, n in layout]
 
 
@@ -248,15 +251,13 @@ class _Hasher:
 
     def __init__(self, enabled: bool = True) -> None:
         self._h = xxhash.xxh3_64() if enabled else None
-        self._fed = False
 
     def add(self, piece: memoryview) -> None:
         if self._h is not None:
             self._h.update(piece)
-            self._fed = True
 
     def digest(self) -> int | None:
-        return int(self._h.intdigest()) if self._h is not None and self._fed else None
+        return int(self._h.intdigest()) if self._h is not None else None
 
 
 def steps(length: int, hashed: bool) -> Iterator[tuple[int, int]]:
