@@ -209,7 +209,7 @@ class BufferObject:
         try:
             yield buf
         finally:
-            self.manager._bo_unpin(self, handed_out=True)
+            self.manager._bo_unpin(self, handed_out=True, wrote=True)
 
     @contextmanager
     def array(
@@ -238,7 +238,7 @@ class BufferObject:
         try:
             yield arr
         finally:
-            self.manager._bo_unpin(self, handed_out=True)
+            self.manager._bo_unpin(self, handed_out=True, wrote=not readonly)
 
     def evict(self) -> None:
         """Swap the BO out now (waiting for kernels using it). No-op if swapped.
@@ -326,8 +326,8 @@ def readonly(bo: BufferObject) -> ReadOnly:
     """Mark a kernel argument as read-only, so launching does not dirty the BO
     (its clean store copy stays valid and a later eviction copies nothing).
 
-    Arguments declared ``const __global`` are found without it when the
-    program is built with ``-cl-kernel-arg-info``.
+    Arguments declared ``const __global`` are found without it (except in a
+    program built from binaries, whose qualifiers cannot be read).
 
     Raises:
         TypeError: ``bo`` is not a BufferObject.

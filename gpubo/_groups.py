@@ -54,6 +54,8 @@ def check_limits(max_: object, low: object, min_: object) -> tuple[int | None, i
     max_bytes = None if max_ is None else parse_bytes(max_, "max")
     min_bytes = 0 if min_ is None else parse_bytes(min_, "min")
     low_bytes = min_bytes if low is None else parse_bytes(low, "low")  # default: low = min
+    if max_bytes is not None and min_bytes > max_bytes:
+        raise ValueError(f"min ({format_bytes(min_bytes)}) must not exceed max ({format_bytes(max_bytes)})")
     if min_bytes > low_bytes:
         raise ValueError(
             f"min ({format_bytes(min_bytes)}) must not exceed low ({format_bytes(low_bytes)}); "
@@ -98,8 +100,8 @@ class Group:
 
         Raises:
             TypeError, ValueError: see :func:`check_limits`.
-            OutOfDeviceMemory: the group's pinned BOs exceed the new ``max``
-                (the limits are set anyway; nothing more can be evicted).
+            OutOfDeviceMemory: the group's pinned (or in use) BOs exceed the
+                new ``max``; the old limits stay.
         """
         self.manager._set_group_limits(
             self,

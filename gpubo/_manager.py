@@ -30,6 +30,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -61,7 +62,7 @@ from gpubo._groups import _KEEP, Group, GroupStats, check_limits
 from gpubo._lru import LRU, NUM_PRIORITIES
 from gpubo._transfer import swap_in, swap_in_batch, swap_out, swap_out_batch
 from gpubo._units import format_bytes, parse_bytes
-from gpubo.backends.opencl import OpenCLBackend, readonly_args
+from gpubo.backends.opencl import OpenCLBackend
 from gpubo.shrinker import (
     DeviceShrinker,
     LinuxPressure,
@@ -77,6 +78,7 @@ __all__ = ["Manager", "Stats"]
 
 log = logging.getLogger(__name__)
 
+_PREFETCH_THREAD = "gpubo-prefetch"
 #: How long an eviction walk keeps waiting for BOs that other threads hold
 #: before it gives up with OutOfDeviceMemory (a guard, not a tuning knob).
 _ROOM_TIMEOUT_S = 60.0
@@ -146,6 +148,37 @@ def _kernel_arg(arg: Any) -> Any:
     return arg
 
 
+class _PinnedBuffers:
+    """The device buffers that the managers of this process have pinned, by
+    ``cl_mem`` handle: a launch argument that is a raw buffer or array is
+    matched to its BO here, whichever manager pinned it.
+
+    Notes:
+        Process-wide on purpose (a buffer can be passed to any manager);
+        entries live only while their pin does. Its lock is a leaf: taken
+        under a manager's lock, never the other way.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owners: dict[int, BufferObject] = {}
+
+    def add(self, handle: int, bo: BufferObject) -> None:
+        with self._lock:
+            self._owners[handle] = bo
+
+    def discard(self, handle: int) -> None:
+        with self._lock:
+            self._owners.pop(handle, None)
+
+    def get(self, handle: int) -> BufferObject | None:
+        with self._lock:
+            return self._owners.get(handle)
+
+
+_PINNED = _PinnedBuffers()
+
+
 #: LMDB's largest key: a BO's name is its record's key in the store.
 _MAX_NAME_BYTES = 511
 
@@ -168,6 +201,39 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_shape(
+    shape: object, name: str, minimum: int = 0, small: type[Exception] = ValueError
+) -> tuple[int, ...]:
+    """``shape`` (an int or a sequence of ints, each >= ``minimum``, else
+    ``small`` is raised) as a tuple of Python ints."""
+    if _is_int(shape):
+        dims: tuple[object, ...] = (shape,)
+    elif isinstance(shape, (tuple, list)):
+        dims = tuple(shape)
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {shape!r}")
+    if not all(_is_int(d) for d in dims):
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {shape!r}")
+    out = tuple(int(d) for d in dims)  # type: ignore[call-overload]
+    if any(d < minimum for d in out):
+        raise small(f"{name}: every dimension must be >= {minimum}, got {shape!r}")
+    return out
+
+
+def _check_work_size(size: object, name: str) -> tuple[int, ...]:
+    """A launch's global or local size: 1 to 3 positive ints (a bare int is 1-D)."""
+    dims = _check_shape(size, name, minimum=1)
+    if not 1 <= len(dims) <= 3:
+        raise ValueError(f"{name} must have 1 to 3 dimensions, got {size!r}")
+    if any(d >= 1 << 63 for d in dims):
+        raise ValueError(f"{name}: a dimension does not fit the device's size_t, got {size!r}")
+    return dims
 
 
 def _check_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
@@ -333,7 +399,6 @@ class Manager:
         self._purgeable_resident = 0  # resident, unpinned, purgeable BOs (a fast path hint)
         self._purgeable: set[BufferObject] = set()  # every live purgeable BO
         self._groups: dict[str, Group] = {}
-        self._pinned_bufs: dict[int, BufferObject] = {}  # cl_mem handle -> pinned BO
         self._launch_pinned_bytes = 0  # pins held by launches in progress (brief)
         self._launch_events: list[cl.Event] = []  # launches that may still run (pruned lazily)
         self._launch_ctx = threading.local()  # .pinned: bytes this thread's launch pins
@@ -342,6 +407,7 @@ class Manager:
         self._shrink_ctx = threading.local()  # may_block of the shrink running in this thread
         self._monitor: PressureMonitor | None = None
         self._prefetcher: ThreadPoolExecutor | None = None  # created on first prefetch; guarded by _lock
+        self._prefetch_threads: set[int] = set()  # its worker's thread id, once it started
         if pressure is not None and pressure is not False:
             self.watch_pressure(None if pressure is True else pressure)
         log.info(
@@ -447,9 +513,12 @@ class Manager:
         resident together and stay busy until the returned event completes.
         An argument may also be :func:`gpubo.readonly` (a BO the kernel only
         reads) or a ``pyopencl.array.Array`` from :meth:`BufferObject.array`.
-        BOs passed to ``const __global`` parameters (found when the program is
-        built with ``-cl-kernel-arg-info``) or through ``readonly`` are not
-        dirtied: their clean store copy stays valid.
+        BOs passed to ``const __global`` parameters or through ``readonly``
+        are not dirtied: their clean store copy stays valid. (The qualifiers
+        are read from the kernel; for a program built without
+        ``-cl-kernel-arg-info`` a copy of it is built once from its source
+        to read them. Only a program built from binaries has every argument
+        taken as written.)
 
         Raises:
             TypeError: ``kernel`` is not a ``pyopencl.Kernel``.
@@ -461,12 +530,16 @@ class Manager:
         """
         if not isinstance(kernel, cl.Kernel):
             raise TypeError(f"kernel must be a pyopencl.Kernel, got {type(kernel).__name__}")
+        global_dims = _check_work_size(global_size, "global_size")
+        local_dims = None if local_size is None else _check_work_size(local_size, "local_size")
+        if local_dims is not None and len(local_dims) != len(global_dims):
+            raise ValueError(f"local_size {local_dims} and global_size {global_dims} differ in dimensions")
         if wait_for is not None:
             if isinstance(wait_for, (str, bytes)) or not all(isinstance(e, cl.Event) for e in wait_for):
                 raise TypeError("wait_for must be None or a sequence of pyopencl.Event")
             wait_for = list(wait_for)
         self._check_open()
-        const = readonly_args(kernel)
+        const = self.backend.const_args(kernel)
         bos: dict[int, BufferObject] = {}
         writes: set[int] = set()  # BOs some argument may write through
         for index, arg in enumerate(args):
@@ -496,7 +569,7 @@ class Manager:
                         self._launch_pinned_bytes += bo.nbytes
                     self._launch_ctx.pinned = getattr(self._launch_ctx, "pinned", 0) + bo.nbytes
             cl_args = [_kernel_arg(arg) for arg in args]
-            event = self.backend.launch(kernel, global_size, local_size, cl_args, wait_for)
+            event = self.backend.launch(kernel, global_dims, local_dims, cl_args, wait_for)
             with self._lock:
                 for bo in pinned:
                     self._prune_events_locked(bo)
@@ -540,7 +613,11 @@ class Manager:
         with self._lock:
             self._check_open_locked()
             if self._prefetcher is None:
-                self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubo-prefetch")
+                self._prefetcher = ThreadPoolExecutor(
+                    max_workers=1,
+                    thread_name_prefix=_PREFETCH_THREAD,
+                    initializer=lambda: self._prefetch_threads.add(threading.get_ident()),
+                )
             pool = self._prefetcher
         # Small BOs go together: the first task of a run of them restores the
         # whole run in one batch, and the others' tasks then find theirs resident.
@@ -581,25 +658,39 @@ class Manager:
             raise
 
     def _launch_arg_bo(self, index: int, arg: Any) -> BufferObject | None:
-        """The BO behind a launch argument, if any (validated)."""
+        """The BO behind a launch argument, if any (validated).
+
+        A ``pyopencl.Buffer`` or array that some manager handed out (``pin``,
+        ``array``) is recognised by its handle: this manager's is pinned again
+        and dirtied like a BO argument; another manager's is refused, since
+        that manager would never learn that the kernel wrote to its BO.
+        """
         if isinstance(arg, ReadOnly):
             bo = arg.bo
         elif isinstance(arg, BufferObject):
             bo = arg
-        elif isinstance(arg, cl_array.Array):
-            if arg.offset:
+        elif isinstance(arg, (cl_array.Array, cl.MemoryObjectHolder)):
+            buf = arg.base_data if isinstance(arg, cl_array.Array) else arg
+            handle = getattr(buf, "int_ptr", None)
+            owner = _PINNED.get(handle) if handle is not None else None
+            if owner is not None and owner.manager is not self:
                 raise ValueError(
-                    f"argument {index}: an array view with an offset cannot be a kernel argument"
+                    f"argument {index}: the buffer of {owner.label()}, pinned by another manager "
+                    "(launch it with that manager)"
                 )
-            handle = getattr(arg.base_data, "int_ptr", None)
-            with self._lock:
-                owner = self._pinned_bufs.get(handle) if handle is not None else None
-                if owner is None and handle is not None and self._owns_buffer_locked(handle):
+            if isinstance(arg, cl_array.Array):
+                if arg.offset:
                     raise ValueError(
-                        f"argument {index}: an array from bo.array() used after its with block "
-                        "(its buffer may hold another BO by now)"
+                        f"argument {index}: an array view with an offset cannot be a kernel argument"
                     )
-            return owner  # pinned by its array's block; launch pins it again
+                if owner is None and handle is not None:
+                    with self._lock:
+                        if self._owns_buffer_locked(handle):
+                            raise ValueError(
+                                f"argument {index}: an array from bo.array() used after its with block "
+                                "(its buffer may hold another BO by now)"
+                            )
+            return owner  # pinned by its block; launch pins it again
         else:
             return None
         if bo.manager is not self:
@@ -664,7 +755,12 @@ class Manager:
         return bo
 
     def names(self) -> list[str]:
-        """Names with a durable record in the store, sorted."""
+        """Names with a durable record in the store, sorted.
+
+        Raises:
+            ManagerClosed: the manager was closed.
+        """
+        self._check_open()
         return self.store.names()
 
     def remove(self, name: str) -> bool:
@@ -673,8 +769,11 @@ class Manager:
         A live BO of that name is not affected (it just has no record).
 
         Raises:
+            TypeError, ValueError: bad ``name``.
             StoreError: the store failed; the record stands.
+            ManagerClosed: the manager was closed.
         """
+        _check_name(name)
         self._check_open()
         return self.store.remove_name(name)
 
@@ -720,8 +819,10 @@ class Manager:
             TypeError, ValueError: bad name or limits (``min <= low <= max``).
             ManagerClosed: the manager was closed.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"group name must be a non-empty str, got {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"group name must be a str, got {type(name).__name__}")
+        if not name:
+            raise ValueError("group name must not be empty")
         with self._lock:
             self._check_open_locked()
             grp = self._groups.get(name)
@@ -744,31 +845,52 @@ class Manager:
             return [self._groups[n] for n in sorted(self._groups)]
 
     def _set_group_limits(self, grp: Group, max_: object, low: object, min_: object) -> None:
+        """Apply new limits; a lower ``max`` evicts the group's BOs down to it.
+        A call that fails puts the old limits back (BOs it already evicted
+        stay swapped: their bytes are safe, only where they live changed)."""
         limits = check_limits(max_, low, min_)
+        new_max = limits[0]
         with self._room_lock:
             with self._lock:
-                grp.max_bytes, grp.low_bytes, grp.min_bytes = limits
-            new_max = limits[0]
-            if new_max is None:
-                return
-            while True:  # a lower max takes effect now
-                with self._lock:
-                    if grp.charged_bytes <= new_max:
-                        return
-                    victim, _ = self._pick_victim_locked(for_group=grp, only_group=grp)
-                if victim is None:
+                old = (grp.max_bytes, grp.low_bytes, grp.min_bytes)
+                pinned = sum(bo.nbytes for bo in self._bos.values() if bo.group is grp and bo.pin_count)
+                if new_max is not None and pinned > new_max:
                     raise OutOfDeviceMemory(
-                        f"group {grp.name!r} holds {format_bytes(grp.charged_bytes)} that cannot be "
-                        f"evicted below its new max {format_bytes(new_max)} (pinned or in use)",
+                        f"group {grp.name!r} has {format_bytes(pinned)} pinned, more than its new max "
+                        f"{format_bytes(new_max)}; the limits are unchanged",
                         budget=self.budget,
                     )
-                try:
-                    if victim.is_purgeable:
-                        self._purge_locked(victim)
-                    else:
-                        self._swap_out_locked(victim, keep_buffer=False)
-                finally:
-                    victim.lock.release()
+                grp.max_bytes, grp.low_bytes, grp.min_bytes = limits
+            try:
+                self._evict_group_to(grp, new_max)
+            except BaseException:
+                with self._lock:
+                    grp.max_bytes, grp.low_bytes, grp.min_bytes = old
+                raise
+
+    def _evict_group_to(self, grp: Group, new_max: int | None) -> None:
+        """Evict ``grp``'s BOs until it holds at most ``new_max``. Holds ``_room_lock``."""
+        if new_max is None:
+            return
+        while True:
+            with self._lock:
+                if grp.charged_bytes <= new_max:
+                    return
+                victim, _ = self._pick_victim_locked(for_group=grp, only_group=grp)
+            if victim is None:
+                raise OutOfDeviceMemory(
+                    f"group {grp.name!r} holds {format_bytes(grp.charged_bytes)} that cannot be "
+                    f"evicted below its new max {format_bytes(new_max)} (pinned or in use); "
+                    "the limits are unchanged",
+                    budget=self.budget,
+                )
+            try:
+                if victim.is_purgeable:
+                    self._purge_locked(victim)
+                else:
+                    self._swap_out_locked(victim, keep_buffer=False)
+            finally:
+                victim.lock.release()
 
     def _group_stats(self, grp: Group) -> GroupStats:
         with self._lock:
@@ -821,8 +943,10 @@ class Manager:
 
         Raises:
             TypeError, ValueError: bad ``nbytes``.
+            ManagerClosed: the manager was closed.
         """
         want = parse_bytes(nbytes, "nbytes")
+        self._check_open()
         freed = 0
         outer = self._shrink_may_block()
         self._shrink_ctx.may_block = may_block and outer  # a nested shrink never blocks more
@@ -906,23 +1030,34 @@ class Manager:
                 return
             self._closed = True
             live = list(self._bos.values())
-        if self._monitor is not None:
-            self._monitor.stop()
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        try:
+            if self._monitor is not None:
+                self._monitor.stop()  # no join from the monitor's own thread
+            if self._prefetcher is not None:
+                # A prefetch future's done-callback runs on the prefetch thread,
+                # which cannot join itself; it runs no other task meanwhile.
+                on_worker = threading.get_ident() in self._prefetch_threads
+                self._prefetcher.shutdown(wait=not on_worker, cancel_futures=True)
+        finally:
+            self._free_all_and_close_store(live)
+        log.info("gpubo manager closed")
+
+    def _free_all_and_close_store(self, live: list[BufferObject]) -> None:
+        """The rest of :meth:`close`: every BO freed, the pool drained, the
+        queue finished and the store closed, each whatever the others did."""
         with self._room_lock:
             for bo in live:
                 try:
                     self._bo_free(bo, force=True)
                 except GpuboError as e:  # keep closing; the store goes anyway
                     log.error("freeing %s at close failed: %s", bo.label(), e)
-            self._drain_pool(None)
             try:
+                self._drain_pool(None)
                 self.backend.finish()
             except GpuboError as e:
-                log.error("finishing the device queue at close failed: %s", e)
-            self._close_store()
-        log.info("gpubo manager closed")
+                log.error("releasing device buffers at close failed: %s", e)
+            finally:
+                self._close_store()
 
     def __enter__(self) -> Manager:
         return self
@@ -1016,7 +1151,7 @@ class Manager:
                 if bo.pin_count == 1:
                     self._lru_remove_locked(bo)
                     self._pinned_bytes += bo.nbytes
-                    self._pinned_bufs[self._buf(bo).int_ptr] = bo
+                    _PINNED.add(self._buf(bo).int_ptr, bo)
             return self._buf(bo)
         finally:
             bo.lock.release()
@@ -1025,10 +1160,9 @@ class Manager:
         self, bo: BufferObject, shape: int | tuple[int, ...], dtype: npt.DTypeLike, readonly: bool
     ) -> cl_array.Array:
         dt = _check_dtype(dtype)
-        dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
-            raise TypeError(f"shape must be a non-negative int or a tuple of them, got {shape!r}")
-        nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+        dims = _check_shape(shape, "shape", small=TypeError)
+        # Python ints: a numpy product is fixed-width and wraps silently.
+        nbytes = math.prod(dims) * dt.itemsize
         if nbytes > bo.nbytes:
             raise ValueError(
                 f"an array of shape {dims} and dtype {dt} needs {nbytes} bytes; the BO has {bo.nbytes}"
@@ -1036,11 +1170,18 @@ class Manager:
         buf = self._bo_pin(bo, dirty=not readonly)
         return cl_array.Array(self.queue, dims, dt, data=buf)
 
-    def _bo_unpin(self, bo: BufferObject, handed_out: bool = False) -> None:
+    def _bo_unpin(self, bo: BufferObject, handed_out: bool = False, wrote: bool = False) -> None:
         """End a pin. ``handed_out``: the holder had the raw buffer (``pin``,
         ``array``) and may have left commands on the queue that use it; a
         marker after them joins the BO's events, so that an eviction, a free
-        or a reuse of the buffer waits for them."""
+        or a reuse of the buffer waits for them. ``wrote``: the holder could
+        write through it, so the BO is dirty now whatever happened inside the
+        block (a sync or hibernate there left a store copy that the holder's
+        later writes made stale)."""
+        if wrote:
+            with bo.lock:
+                if bo.state is State.RESIDENT:
+                    self._mark_dirty(bo)
         fence = None
         if handed_out:
             try:
@@ -1058,7 +1199,7 @@ class Manager:
             bo.pin_count -= 1
             if bo.pin_count == 0:
                 self._pinned_bytes -= bo.nbytes
-                self._pinned_bufs.pop(self._buf(bo).int_ptr, None)
+                _PINNED.discard(self._buf(bo).int_ptr)
                 self._lru_add_locked(bo)
                 self._cond.notify_all()
 
@@ -1172,6 +1313,8 @@ class Manager:
                 if bo.pin_count:
                     self._pinned_bytes -= bo.nbytes
                     bo.pin_count = 0
+                    if bo.buf is not None:
+                        _PINNED.discard(bo.buf.int_ptr)
                 bo.buf = bo.entry = None
                 bo.events.clear()
                 self._cond.notify_all()

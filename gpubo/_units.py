@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 
 __all__ = ["format_bytes", "parse_bytes"]
@@ -32,18 +33,20 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 def parse_bytes(value: object, name: str = "size") -> int:
     """Return ``value`` as a non-negative int number of bytes.
 
-    Accepts ints and strings such as ``"256MiB"``, ``"1.5GiB"``, ``"4096"``
-    (binary units KiB/MiB/GiB/TiB, decimal units KB/MB/GB/TB).
+    Accepts ints (numpy integers too) and strings such as ``"256MiB"``,
+    ``"1.5GiB"``, ``"4096"`` (binary units KiB/MiB/GiB/TiB, decimal units
+    KB/MB/GB/TB).
 
     Raises:
-        TypeError: ``value`` is neither an int nor a string (bools count as
-            neither).
+        TypeError: ``value`` is neither an integer nor a string (bools and
+            floats count as neither).
         ValueError: the string cannot be parsed, the unit is unknown, the
             result is negative or not a whole number of bytes.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
         raise TypeError(f"{name} must be an int or a size string like '256MiB', got {value!r}")
-    if isinstance(value, int):
+    if not isinstance(value, str):
+        value = int(value)
         if value < 0:
             raise ValueError(f"{name} must not be negative, got {value}")
         return value

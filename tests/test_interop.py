@@ -298,16 +298,34 @@ def test_const_global_args_do_not_dirty(mgr: gpubo.Manager, as_array: bool) -> N
     np.testing.assert_array_equal(x_bo.read(), x)
 
 
-def test_without_arg_info_every_buffer_arg_is_dirtied(mgr: gpubo.Manager) -> None:
-    """Without -cl-kernel-arg-info the const qualifier is unknown: the safe
-    default is to assume the kernel writes."""
+def test_without_arg_info_const_args_are_still_found(mgr: gpubo.Manager) -> None:
+    """A program built plainly keeps no argument info: gpubo reads the const
+    qualifier from a copy built from the same source with the option."""
     axpy = build(mgr, AXPY_SRC, "axpy")
     n = 1024
-    x_bo, _ = filled(mgr, n * 4, seed=7)
+    x_bo, x = filled(mgr, n * 4, seed=7)
+    y_bo, _ = filled(mgr, n * 4, seed=8)
+    clean_copy(x_bo)
+    clean_copy(y_bo)
+    mgr.launch(axpy, (n,), None, x_bo, y_bo, np.float32(1.0), np.int32(n)).wait()
+    assert evict_copies(mgr, x_bo) == 0  # const: its clean copy stays valid
+    assert evict_copies(mgr, y_bo) == n * 4  # written
+    np.testing.assert_array_equal(x_bo.read(), x)
+
+
+def test_a_program_from_binaries_dirties_every_buffer_arg(mgr: gpubo.Manager) -> None:
+    """Built from binaries, a program has no source to read qualifiers from:
+    the safe default is to assume the kernel writes."""
+    plain = cl.Program(mgr.context, AXPY_SRC).build()
+    program = cl.Program(mgr.context, mgr.context.devices, plain.binaries).build()
+    axpy = cl.Kernel(program, "axpy")
+    n = 1024
+    x_bo, x = filled(mgr, n * 4, seed=7)
     y_bo, _ = filled(mgr, n * 4, seed=8)
     clean_copy(x_bo)
     mgr.launch(axpy, (n,), None, x_bo, y_bo, np.float32(1.0), np.int32(n)).wait()
     assert evict_copies(mgr, x_bo) == n * 4
+    np.testing.assert_array_equal(x_bo.read(), x)
 
 
 def test_readonly_wrapper_does_not_dirty(mgr: gpubo.Manager) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -39,6 +40,8 @@ _ZERO_BYTE = np.zeros(1, np.uint8)
 #: What an allocation that need not be zeroed fills, to force the allocation.
 _TOUCH_BYTES = 4096
 _CONST = int(cl.kernel_arg_type_qualifier.CONST)
+#: Kernels whose const arguments are remembered (each holds its program alive).
+_CONST_ARGS_CACHED = 256
 
 #: Source buffers per launch of the gather kernel.
 GATHER_WIDTH = 16
@@ -154,10 +157,10 @@ def _match_device(platforms: list[cl.Platform], spec: str) -> cl.Device:
     return max(found, key=lambda d: d.global_mem_size)
 
 
-def readonly_args(kernel: cl.Kernel) -> frozenset[int]:
+def readonly_args(kernel: cl.Kernel) -> frozenset[int] | None:
     """Indices of ``kernel``'s ``const __global`` arguments (the kernel cannot
-    write through them); empty when the program was built without
-    ``-cl-kernel-arg-info`` and the driver keeps no argument info."""
+    write through them), or None when the driver keeps no argument info (the
+    program was built without ``-cl-kernel-arg-info``)."""
     out = set()
     try:
         for index in range(kernel.num_args):
@@ -166,7 +169,7 @@ def readonly_args(kernel: cl.Kernel) -> frozenset[int]:
             if address == cl.kernel_arg_address_qualifier.GLOBAL and int(qualifier) & _CONST:
                 out.add(index)
     except cl.Error:
-        return frozenset()
+        return None
     return frozenset(out)
 
 
@@ -254,6 +257,49 @@ class OpenCLBackend:
         # ``transfer_queue`` for that buffer waits for its unmap.
         self._unmaps: dict[int, cl.Event] = {}
         self._unmaps_lock = threading.Lock()
+        # (program handle, kernel name) -> (the program, kept so that its
+        # handle is not reused while cached; its const arguments), LRU order.
+        self._const_args: OrderedDict[tuple[int, str], tuple[cl.Program, frozenset[int]]] = OrderedDict()
+        self._const_args_lock = threading.Lock()
+
+    def const_args(self, kernel: cl.Kernel) -> frozenset[int]:
+        """Indices of ``kernel``'s ``const __global`` arguments.
+
+        When the program was built without ``-cl-kernel-arg-info`` (the
+        driver then keeps no qualifiers), a shadow copy of it is built from
+        its source with that option, once per program, only to read them.
+        Empty (every argument may be written) when that is impossible: a
+        program built from binaries, or a shadow build that fails.
+        """
+        program = kernel.program
+        key = (program.int_ptr, kernel.function_name)
+        with self._const_args_lock:
+            hit = self._const_args.get(key)
+            if hit is not None:
+                self._const_args.move_to_end(key)
+                return hit[1]
+        found = readonly_args(kernel)
+        if found is None:
+            found = self._shadow_const_args(program, kernel.function_name)
+        with self._const_args_lock:
+            self._const_args[key] = (program, found)
+            while len(self._const_args) > _CONST_ARGS_CACHED:
+                self._const_args.popitem(last=False)
+        return found
+
+    def _shadow_const_args(self, program: cl.Program, name: str) -> frozenset[int]:
+        try:
+            source = program.get_info(cl.program_info.SOURCE)
+            if not source:
+                log.info("kernel %r: program built from binaries, its const arguments are unknown", name)
+                return frozenset()
+            options = program.get_build_info(self.device, cl.program_build_info.OPTIONS) or ""
+            shadow = cl.Program(self.context, source).build(options=f"{options} -cl-kernel-arg-info")
+            found = readonly_args(cl.Kernel(shadow, name))
+        except cl.Error as e:
+            log.info("kernel %r: cannot rebuild its program to read its const arguments: %s", name, e)
+            return frozenset()
+        return frozenset() if found is None else found
 
     def allocate(self, nbytes: int, *, kernel_queue: bool = False, zero: bool = True) -> cl.Buffer:
         """A new device buffer of ``nbytes``, allocated for real, and zeroed
