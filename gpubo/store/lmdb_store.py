@@ -45,7 +45,13 @@ log = logging.getLogger(__name__)
 
 #: LMDB puts a 16-byte header in front of an overflow value.
 _OVERFLOW_HEADER = 16
+#: A chunk is one value under ``(entry key, chunk index)``; a chunk written
+#: when no free run of its size was left is page values under ``(entry key,
+#: chunk index, piece index)``, each filling exactly one page.
 _KEY = struct.Struct(">QI")
+_PIECE_KEY = struct.Struct(">QII")
+_ENTRY_PREFIX = struct.Struct(">Q")
+_PIECE_BYTES = PAGE_BYTES - _OVERFLOW_HEADER
 _DATA_NAME = "data.mdb"
 
 
@@ -128,7 +134,9 @@ class LmdbStore(SwapStore):
         env = self._require_env()
         with env.begin(write=True, db=self._data_db) as txn:
             orphans = [
-                (bytes(key), len(value)) for key, value in txn.cursor() if _KEY.unpack(key)[0] not in keep
+                (bytes(key), len(value))
+                for key, value in txn.cursor()
+                if _ENTRY_PREFIX.unpack_from(key)[0] not in keep
             ]
             for key, _ in orphans:
                 txn.delete(key)
@@ -150,6 +158,29 @@ class LmdbStore(SwapStore):
     def _write_chunks(
         self, key: int, extents: tuple[tuple[int, int], ...], src: memoryview, plans: list[ChunkPlan]
     ) -> list[int | None]:
+        try:
+            return self._put_chunks(key, src, plans, paged=False)
+        except lmdb.MapFullError:
+            # The space accounting said it fits, but no free run of pages is
+            # long enough: copy-on-write and mixed sizes fragment LMDB's free
+            # list. One-page values fit in any free page.
+            log.info("store %s: no free run for a %d-byte entry; writing it in pages", self.path, src.nbytes)
+        try:
+            return self._put_chunks(key, src, plans, paged=True)
+        except lmdb.MapFullError as e:
+            raise StoreFull(
+                f"store full: the LMDB map has no room for {src.nbytes} bytes", nbytes=src.nbytes
+            ) from e
+
+    def _put_chunks(
+        self, key: int, src: memoryview, plans: list[ChunkPlan], *, paged: bool
+    ) -> list[int | None]:
+        """One write transaction putting every planned chunk; per-chunk checksums.
+
+        Raises:
+            lmdb.MapFullError: no room (nothing was committed).
+            StoreError: any other LMDB failure.
+        """
         env = self._require_env()
         sums: list[int | None] = []
         scratch: np.ndarray | None = None
@@ -171,13 +202,15 @@ class LmdbStore(SwapStore):
                             scratch[pos : pos + end - start] = src_arr[start:end]
                             pos += end - start
                         value = memoryview(scratch.data)[:pos]
-                    txn.put(_KEY.pack(key, plan.index), value)
+                    if paged:
+                        for piece, at in enumerate(range(0, len(value), _PIECE_BYTES)):
+                            txn.put(_PIECE_KEY.pack(key, plan.index, piece), value[at : at + _PIECE_BYTES])
+                    else:
+                        txn.put(_KEY.pack(key, plan.index), value)
                     # After the copy, while the chunk is still in cache.
                     sums.append(xxhash.xxh3_64_intdigest(value) if self.checksums else None)
-        except lmdb.MapFullError as e:
-            raise StoreFull(
-                f"store full: the LMDB map has no room for {src.nbytes} bytes", nbytes=src.nbytes
-            ) from e
+        except lmdb.MapFullError:
+            raise
         except lmdb.Error as e:
             raise StoreError(f"writing {src.nbytes} bytes to the store failed: {e}") from e
         return sums
@@ -214,10 +247,7 @@ class LmdbStore(SwapStore):
                     for entry in entries:
                         self._unplace(entry)
             if isinstance(e, lmdb.MapFullError):
-                raise StoreFull(
-                    f"store full: the LMDB map has no room for a batch of {len(layout)} entries",
-                    nbytes=sum(n for _, n in layout),
-                ) from e
+                return None  # fragmented free space: one by one, each paged if need be
             if isinstance(e, lmdb.Error):
                 raise StoreError(f"writing a batch of {len(layout)} entries to the store failed: {e}") from e
             raise
@@ -231,6 +261,8 @@ class LmdbStore(SwapStore):
                     if not plan.stored_bytes:
                         continue
                     value = txn.get(_KEY.pack(entry.key, plan.index))
+                    if value is None:
+                        value = self._paged_chunk(txn, entry.key, plan)
                     if value is None or len(value) != plan.stored_bytes:
                         offset = plan.index * CHUNK_BYTES
                         raise IntegrityError(
@@ -251,6 +283,24 @@ class LmdbStore(SwapStore):
         except lmdb.Error as e:
             raise StoreError(f"reading {label} from the store failed: {e}") from e
 
+    @staticmethod
+    def _paged_chunk(txn: lmdb.Transaction, key: int, plan: ChunkPlan) -> memoryview | None:
+        """A chunk written in page values, gathered (at most a chunk), or None."""
+        prefix = _KEY.pack(key, plan.index)
+        cursor = txn.cursor()
+        if not cursor.set_range(_PIECE_KEY.pack(key, plan.index, 0)):
+            return None
+        out = np.empty(plan.stored_bytes, np.uint8)
+        pos = 0
+        for raw_key, value in cursor:
+            if bytes(raw_key[: _KEY.size]) != prefix or len(raw_key) != _PIECE_KEY.size:
+                break
+            if pos + len(value) > plan.stored_bytes:
+                return None  # more than the chunk holds: damaged
+            out[pos : pos + len(value)] = np.frombuffer(value, np.uint8)
+            pos += len(value)
+        return memoryview(out.data) if pos == plan.stored_bytes and pos else None
+
     @contextlib.contextmanager
     def _stored_views(self, entries: list[Entry], labels: list[str]) -> Iterator[list[memoryview | None]]:
         # One-chunk entries are one value each: lent from the map inside one
@@ -265,9 +315,12 @@ class LmdbStore(SwapStore):
             views: list[memoryview | None] = []
             for entry, label in zip(entries, labels, strict=True):
                 value = txn.get(_KEY.pack(entry.key, 0))
-                if value is None or len(value) != entry.stored_bytes:
+                if value is None:
+                    views.append(None)  # written in pages, or missing: read_into says which
+                    continue
+                if len(value) != entry.stored_bytes:
                     raise IntegrityError(
-                        f"{label}: store chunk at byte 0 is missing or truncated", bo=label, offset=0
+                        f"{label}: store chunk at byte 0 is truncated", bo=label, offset=0
                     )
                 views.append(memoryview(value))
             yield views
@@ -278,10 +331,13 @@ class LmdbStore(SwapStore):
 
     def _unplace(self, entry: Entry) -> None:
         env = self._require_env()
+        prefix = _ENTRY_PREFIX.pack(entry.key)
         try:
             with self._write_lock, env.begin(write=True, db=self._data_db) as txn:
-                for index in range(-(-entry.nbytes // CHUNK_BYTES)):
-                    txn.delete(_KEY.pack(entry.key, index))
+                cursor = txn.cursor()
+                found = cursor.set_range(prefix)
+                while found and bytes(cursor.key()[: _ENTRY_PREFIX.size]) == prefix:
+                    found = cursor.delete()  # moves to the next value
         except lmdb.Error as e:
             raise StoreError(f"releasing a store entry failed: {e}") from e
 
@@ -305,7 +361,7 @@ class LmdbStore(SwapStore):
         orphans: dict[int, int] = {}
         with env.begin(db=self._data_db) as txn:
             for raw_key, value in txn.cursor():
-                key, _ = _KEY.unpack(raw_key)
+                (key,) = _ENTRY_PREFIX.unpack_from(raw_key)
                 if key not in entries:
                     orphans[key] = orphans.get(key, 0) + len(value)
         return [
@@ -315,7 +371,7 @@ class LmdbStore(SwapStore):
         ]
 
     def chunk_count(self) -> int:
-        """Number of stored chunk values (for leak checks)."""
+        """Number of stored chunks, whole or in pages (for leak checks)."""
         env = self._require_env()
-        with env.begin() as txn:
-            return int(txn.stat(self._data_db)["entries"])
+        with env.begin(db=self._data_db) as txn:
+            return len({bytes(key[: _KEY.size]) for key in txn.cursor().iternext(values=False)})
