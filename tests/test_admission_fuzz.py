@@ -70,7 +70,7 @@ def test_every_admitted_bo_stays_readable_and_writable(tmp_path: Path, seed: int
     checksums = rng.random() < 0.7
     mix = MIXES[seed % len(MIXES)]
     store_size = rng.randrange(12, 48) * MiB
-    where = f"seed {seed}: {backend}, {durability}, checksums={checksums}, mix {mix}, store {store_size >> 20} MiB"
+    where = f"seed {seed}: {backend}, {durability}, checksums={checksums}, mix {mix}, {store_size >> 20} MiB"
     with gpubo.Manager(
         budget=rng.choice([4, 6, 8]) * MiB,
         store=tmp_path / "s",
