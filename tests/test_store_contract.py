@@ -546,7 +546,8 @@ def test_other_backend_is_refused_and_detected(
     assert backend in str(info.value)
     assert detect_backend(path) == backend, "a refused open changed the store's backend files"
     assert sorted(os.listdir(path)) == sorted(
-        ["gpubo.lock", "data.mdb", "lock.mdb"] + (["slots.bin"] if backend == "slotfile" else [])
+        ["gpubo.lock", "gpubo.state", "data.mdb", "lock.mdb"]
+        + (["slots.bin"] if backend == "slotfile" else [])
     )
     r = stores(path, 64 * MiB)  # backend=None: detected
     assert isinstance(r, STORE_CLASS[backend]) and r.backend_name == backend
@@ -718,14 +719,27 @@ def test_lmdb_missing_chunk_raises_integrity_error(stores: Callable[..., SwapSto
 
 
 def test_truncated_slot_file_is_a_clear_error(stores: Callable[..., SwapStore], tmp_path: Path) -> None:
+    """A truncated slot file opens for reading: records inside what is left
+    read back, the others raise IntegrityError, writes are refused."""
     path = tmp_path / "s"
     s = stores(path, size=8 * MiB, backend="slotfile")
+    small_data = data_of(64 * 1024, 2)
+    s.commit_name("small", write(s, small_data))  # at the start of the file
     big = write(s, data_of(6 * MiB, 1))  # reaches past the half of the file
     s.commit_name("big", big)
     s.close()
     os.truncate(path / "slots.bin", 4 * MiB)
-    with pytest.raises(gpubo.StoreError, match="damaged"):
-        open_store(path, 8 * MiB, backend="slotfile")
+    r = stores(path, 8 * MiB, backend="slotfile")
+    assert r.names() == ["big", "small"]
+    with pytest.raises(gpubo.IntegrityError, match="damaged"):
+        r.lookup("big")
+    small = r.lookup("small")
+    assert small is not None and np.array_equal(read(r, small), small_data)
+    with pytest.raises(gpubo.StoreError, match="reading only"):
+        write(r, small_data)
+    report = r.fsck()
+    assert not report.ok and any("truncated" in p for p in report.problems)
+    assert any("'big' is damaged" in p for p in report.problems)
 
 
 # -- manager: swap cache and zero BOs -------------------------------------------

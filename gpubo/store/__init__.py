@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 
+from gpubo._errors import StoreError
 from gpubo.store.base import CHUNK_BYTES, PAGE_BYTES, Durability, Entry, FsckReport, SwapStore
+from gpubo.store.integrity import read_state
 from gpubo.store.lmdb_store import LmdbStore
 from gpubo.store.slotfile import SlotFileStore
 
@@ -33,7 +35,14 @@ BACKENDS: dict[str, type[SwapStore]] = {"lmdb": LmdbStore, "slotfile": SlotFileS
 
 
 def detect_backend(path: str | os.PathLike[str]) -> str | None:
-    """The backend of the store at ``path``, or None if there is none yet."""
+    """The backend of the store at ``path``, or None if there is none yet.
+
+    Raises:
+        StoreError: the store's state file is damaged.
+    """
+    state = read_state(os.fspath(path))
+    if state is not None and state.backend in BACKENDS:
+        return state.backend
     if os.path.exists(os.path.join(path, "slots.bin")):
         return "slotfile"
     if os.path.exists(os.path.join(path, "data.mdb")):
@@ -74,12 +83,22 @@ def open_existing(path: str | os.PathLike[str], *, reclaim: bool = True) -> Swap
     Raises:
         StoreError: there is no store at ``path``, or it cannot be opened.
     """
-    from gpubo._errors import StoreError
-
+    if not os.path.isdir(path):
+        raise StoreError(f"no gpubo store at {os.fspath(path)!r} (not a directory)")
     backend = detect_backend(path)
     if backend is None:
         raise StoreError(f"no gpubo store at {os.fspath(path)!r}")
-    data = "slots.bin" if backend == "slotfile" else "data.mdb"
-    size = os.path.getsize(os.path.join(path, data))
+    state = read_state(os.fspath(path))
+    if state is not None:
+        size = state.data_bytes
+    else:
+        data = os.path.join(path, "slots.bin" if backend == "slotfile" else "data.mdb")
+        try:
+            size = os.path.getsize(data)
+        except OSError as e:
+            raise StoreError(f"cannot open the store at {os.fspath(path)!r}: {e}") from e
     cls = BACKENDS[backend]
-    return cls(path, size, reclaim=reclaim)
+    try:
+        return cls(path, size, reclaim=reclaim)
+    except ValueError as e:  # a size no store can have: the file is damaged
+        raise StoreError(f"cannot open the store at {os.fspath(path)!r}: {e}") from e

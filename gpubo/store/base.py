@@ -17,8 +17,16 @@ Backends decide where stored bytes live (:mod:`gpubo.store.lmdb_store`,
 records) always lives in an LMDB environment in the store directory.
 
 Directory: ``gpubo.lock`` (an ``flock`` held while the store is open, so a
-second opener gets a clear error), LMDB's ``data.mdb``/``lock.mdb``, and the
+second opener gets a clear error), ``gpubo.state`` (what the store is and
+the generation of its records, kept outside LMDB: see
+:mod:`gpubo.store.integrity`), LMDB's ``data.mdb``/``lock.mdb``, and the
 backend's own files; all created readable by the owner only.
+
+A store that cannot prove it is whole is never trusted: a missing or
+truncated file, or records rolled back, is a StoreError at open (``fsck``
+opens it anyway, read-only, and reports why); a damaged record makes the
+store read-only, with the good records readable and the damaged ones
+raising IntegrityError; and nothing is reclaimed from such a store.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -44,7 +53,8 @@ import lmdb
 import numpy as np
 import xxhash
 
-from gpubo._errors import IntegrityError, StoreError
+from gpubo._errors import IntegrityError, StoreError, StoreFull
+from gpubo.store.integrity import StoreState, check_lmdb_file, read_state, write_state
 
 __all__ = [
     "CHUNK_BYTES",
@@ -70,10 +80,12 @@ PAGE_BYTES = 4096
 _PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_BYTES
 _SMALL_SCAN_BYTES = 64 * PAGE_BYTES
 #: Bump when the on-disk layout changes; a store of another version is refused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _LOCK_NAME = "gpubo.lock"
 Extents = tuple[tuple[int, int], ...]
 _FORMAT_KEY = b"format"
+_GENERATION_KEY = b"generation"
+_GENERATION = struct.Struct(">Q")
 
 
 class Durability(enum.Enum):
@@ -110,8 +122,10 @@ class Entry:
         npages = -(-self.nbytes // PAGE_BYTES)
         return np.unpackbits(np.frombuffer(self.zeromap, np.uint8), count=npages).astype(np.bool_)
 
-    def to_record(self) -> bytes:
-        """Serialise for a named record."""
+    def to_record(self, name: str) -> bytes:
+        """Serialise for the named record ``name``: JSON, then ``#`` and the
+        xxh3-64 of the name and the JSON, so that a damaged record (or a
+        record under a damaged name) is seen as such."""
         rec: dict[str, Any] = {
             "key": self.key,
             "nbytes": self.nbytes,
@@ -121,18 +135,22 @@ class Entry:
             "zeromap": None if self.zeromap is None else base64.b64encode(self.zeromap).decode(),
             "extents": [list(e) for e in self.extents],
         }
-        return json.dumps(rec, separators=(",", ":")).encode()
+        body = json.dumps(rec, separators=(",", ":")).encode()
+        return body + b"#" + b"%016x" % _record_digest(name, body)
 
     @classmethod
-    def from_record(cls, raw: bytes) -> Entry:
-        """Parse a named record.
+    def from_record(cls, raw: bytes, name: str) -> Entry:
+        """Parse the named record ``name``.
 
         Raises:
-            ValueError: the record is malformed.
+            ValueError: the record is malformed or fails its checksum.
         """
+        body, sep, digest = raw.rpartition(b"#")
+        if not sep or digest != b"%016x" % _record_digest(name, body):
+            raise ValueError("the record fails its checksum")
         try:
-            rec = json.loads(raw)
-            return cls(
+            rec = json.loads(body)
+            entry = cls(
                 key=int(rec["key"]),
                 nbytes=int(rec["nbytes"]),
                 footprint=int(rec["footprint"]),
@@ -143,6 +161,13 @@ class Entry:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed entry record: {e}") from e
+        if entry.nbytes <= 0 or entry.key <= 0 or not 0 <= entry.stored_bytes <= entry.nbytes:
+            raise ValueError(f"malformed entry record: sizes {entry.nbytes}/{entry.stored_bytes}")
+        return entry
+
+
+def _record_digest(name: str, body: bytes) -> int:
+    return int(xxhash.xxh3_64_intdigest(name.encode() + b"\0" + body))
 
 
 @dataclass(frozen=True)
@@ -360,14 +385,23 @@ class SwapStore(ABC):
         self._used_bytes = 0  # guarded by _lock
         self._next_key = 1  # guarded by _lock
         self._cached_bytes = 0  # written through the page cache since the last drop; guarded by _lock
+        # What makes this store unable to prove it is whole (fsck reports it),
+        # damaged records by name, and why writes are refused (None: they are
+        # not); set at open, constant after.
+        self.problems: list[str] = []
+        self._damaged: dict[str, str] = {}
+        self._read_only: str | None = None
+        self._generation = 0  # of the records; guarded by _lock
         try:
             self._take_lock()
+            state = read_state(self.path)
+            self._check_files(state)
             self._env = self._open_env(size_bytes)
             self._names_db = self._env.open_db(b"names")
             self._meta_db = self._env.open_db(b"meta")
             self._check_format()
             self._open_data(size_bytes)
-            self._load_names()
+            self._load_names(state)
         except lmdb.Error as e:
             self.close()
             raise StoreError(f"cannot open the store at {self.path!r}: {e}") from e
@@ -376,6 +410,44 @@ class SwapStore(ABC):
             raise
 
     # -- backend hooks ------------------------------------------------------
+
+    @abstractmethod
+    def _data_file(self) -> str:
+        """The name of the file, in the store directory, that holds the data
+        (its size is written in the state file at creation)."""
+
+    def _check_files(self, state: StoreState | None) -> None:
+        """Before LMDB maps anything: the files the state file says exist
+        are there, and no LMDB file is shorter than its meta page says.
+
+        Raises:
+            StoreError: a file is missing, truncated or not an LMDB file.
+        """
+        data = os.path.join(self.path, "data.mdb")
+        if state is not None:
+            if state.backend != self.backend_name:
+                raise StoreError(
+                    f"store {self.path!r} is a {state.backend!r} store; open it with "
+                    f"store_backend={state.backend!r}"
+                )
+            for name in {"data.mdb", self._data_file()}:
+                if not os.path.isfile(os.path.join(self.path, name)):
+                    raise StoreError(
+                        f"store {self.path!r} is damaged: its file {name} is missing (or not a file); "
+                        f"its {state.records} record(s) cannot be read"
+                    )
+        if os.path.isdir(data):
+            raise StoreError(f"store {self.path!r} is damaged: data.mdb is a directory")
+        check_lmdb_file(data, PAGE_BYTES)
+
+    def _admit_record(self, name: str, entry: Entry) -> str | None:
+        """Backend check of a record read at open (and claim of its space);
+        what is wrong with it, or None."""
+        return None
+
+    def _max_stored_key(self) -> int:
+        """The largest entry key with bytes in the store (0: none known)."""
+        return 0
 
     def _check_durability(self) -> None:  # noqa: B027 - optional hook
         """Raise ValueError if this backend cannot honour ``self.durability``."""
@@ -463,26 +535,99 @@ class SwapStore(ABC):
             f"store {self.path!r} has format version {version}; this gpubo reads version {FORMAT_VERSION}"
         )
 
-    def _load_names(self) -> None:
+    def _load_names(self, state: StoreState | None) -> None:
+        """Read every record; check the generation against the state file;
+        reclaim what a dead process left only in a store proven whole."""
         env = self._require_env()
         keep: dict[int, Entry] = {}
-        with env.begin(db=self._names_db) as txn:
-            for raw_name, raw in txn.cursor():
-                name = bytes(raw_name).decode()
+        with env.begin() as txn:
+            raw_gen = txn.get(_GENERATION_KEY, db=self._meta_db)
+            self._generation = _GENERATION.unpack(raw_gen)[0] if raw_gen is not None else 0
+            for raw_name, raw in txn.cursor(db=self._names_db):
                 try:
-                    entry = Entry.from_record(bytes(raw))
+                    name = bytes(raw_name).decode()
+                except UnicodeDecodeError:
+                    name = bytes(raw_name).decode(errors="replace")
+                    self._damaged[name] = "its name is not UTF-8"
+                    continue
+                try:
+                    entry = Entry.from_record(bytes(raw), name)
                 except ValueError as e:
-                    raise StoreError(f"store {self.path!r}: record {name!r} is damaged: {e}") from e
+                    self._damaged[name] = str(e)
+                    continue
                 self._names[name] = entry
                 keep[entry.key] = entry
-        for entry in keep.values():
+        for name, entry in sorted(self._names.items()):
+            if entry.key in self._entries:
+                continue  # several records of one entry: claimed once
+            why = self._admit_record(name, entry)
+            if why is not None:
+                self._damaged[name] = why
+                continue
             self._entries[entry.key] = entry
-            self._refs[entry.key] = sum(1 for e in self._names.values() if e.key == entry.key)
             self._used_bytes += entry.footprint
-            self._next_key = max(self._next_key, entry.key + 1)
-        reclaimed = self._reclaim(keep) if self._reclaim_at_open else 0
-        if reclaimed:
-            log.info("store %s: reclaimed %d bytes of anonymous entries", self.path, reclaimed)
+        for name in self._damaged:
+            self._names.pop(name, None)
+        for entry in self._entries.values():
+            self._refs[entry.key] = sum(1 for e in self._names.values() if e.key == entry.key)
+        self._next_key = max([self._max_stored_key(), *self._entries]) + 1
+        self._data_bytes = (
+            state.data_bytes
+            if state is not None
+            else os.path.getsize(os.path.join(self.path, self._data_file()))
+        )
+        self._check_generation(state)
+        if self._damaged:
+            for name, why in sorted(self._damaged.items()):
+                log.warning("store %s: record %r is damaged: %s", self.path, name, why)
+            self._read_only = f"{len(self._damaged)} record(s) are damaged (run gpubo fsck)"
+        if self._read_only is None and self._reclaim_at_open:
+            reclaimed = self._reclaim(keep)
+            if reclaimed:
+                log.info("store %s: reclaimed %d bytes of anonymous entries", self.path, reclaimed)
+
+    def _check_generation(self, state: StoreState | None) -> None:
+        """The records' generation in LMDB against the state file's copy.
+
+        Raises:
+            StoreError: LMDB lost committed records (or the state file is
+                gone while records exist), when opened to be used; opened
+                for fsck (``reclaim=False``), the store is read-only and
+                :attr:`problems` says why.
+        """
+        records = len(self._names) + len(self._damaged)
+        lost = None
+        if state is None:
+            if self._generation or records:
+                lost = f"its state file is missing while LMDB holds generation {self._generation}"
+        elif self._generation < state.generation or self._generation > state.generation + 1:
+            lost = (
+                f"LMDB holds records of generation {self._generation} but {state.generation} were "
+                f"committed ({state.records} record(s)): LMDB rolled back or was replaced"
+            )
+        elif self._generation == state.generation and records != state.records:
+            lost = f"LMDB holds {records} record(s) but {state.records} were committed"
+        if lost is not None:
+            message = f"store {self.path!r} cannot prove it is whole: {lost}; nothing was reclaimed"
+            if self._reclaim_at_open:
+                raise StoreError(message + " (run gpubo fsck)")
+            self.problems.append(message)
+            self._read_only = lost
+            return
+        if state is None or self._generation != state.generation:
+            self._write_state()  # a new store, or a crash right after a commit
+
+    def _write_state(self) -> None:
+        write_state(
+            self.path,
+            StoreState(
+                FORMAT_VERSION, self.backend_name, self._data_bytes, self._generation, len(self._names)
+            ),
+        )
+
+    def _check_writable(self) -> None:
+        if self._read_only is not None:
+            raise StoreError(f"store {self.path!r} is open for reading only: {self._read_only}")
 
     # -- entries ------------------------------------------------------------
 
@@ -500,8 +645,10 @@ class SwapStore(ABC):
 
         Raises:
             StoreFull: not enough room; nothing was written.
-            StoreError: the copy or the flush failed; nothing was committed.
+            StoreError: the copy or the flush failed, or the store is open
+                for reading only; nothing was committed.
         """
+        self._check_writable()
         return self._write(src, src.nbytes, scan_zero_pages(src, src.nbytes))
 
     def write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry]:
@@ -520,6 +667,7 @@ class SwapStore(ABC):
             StoreFull: not enough room for the whole batch; nothing was written.
             StoreError: the copy or the flush failed; nothing was committed.
         """
+        self._check_writable()
         for off, n in layout:
             if n <= 0 or off < 0 or off + n > src.nbytes:
                 raise ValueError(f"batch entry ({off}, {n}) is outside the {src.nbytes}-byte source")
@@ -782,28 +930,54 @@ class SwapStore(ABC):
         the next open reclaims).
 
         Raises:
-            StoreError: the commit failed; the old record stands.
+            StoreFull: no room is left for the record's metadata; the old
+                record stands.
+            StoreError: the commit failed, or the store is open for reading
+                only; the old record stands.
         """
+        self._check_writable()
         self.flush(entry)
-        env = self._require_env()
         with self._lock:
             old = self._names.get(name)
             if old is not None and old.key == entry.key:
                 return
-            try:
-                with self._write_lock, env.begin(write=True, db=self._names_db) as txn:
-                    txn.put(name.encode(), entry.to_record())
-                self._sync_meta()
-            except lmdb.Error as e:
-                raise StoreError(f"committing record {name!r} failed: {e}") from e
+            self._commit_records(name, entry.to_record(name), "committing")
             self._refs[entry.key] += 1
             self._names[name] = entry
             if old is not None:
                 self._release_locked(old)
+            self._write_state()
+
+    def _commit_records(self, name: str, record: bytes | None, what: str) -> None:
+        """Put (or delete, for None) the record ``name`` and bump the records'
+        generation, in one transaction, flushed. Holds ``_lock``."""
+        env = self._require_env()
+        try:
+            with self._write_lock, env.begin(write=True, db=self._names_db) as txn:
+                if record is None:
+                    txn.delete(name.encode())
+                else:
+                    txn.put(name.encode(), record)
+                txn.put(_GENERATION_KEY, _GENERATION.pack(self._generation + 1), db=self._meta_db)
+            self._sync_meta()
+        except lmdb.MapFullError as e:
+            raise StoreFull(f"{what} record {name!r} failed: no room left for the store's records") from e
+        except lmdb.Error as e:
+            raise StoreError(f"{what} record {name!r} failed: {e}") from e
+        self._generation += 1
 
     def lookup(self, name: str) -> Entry | None:
-        """The entry of record ``name`` with a new reference for the caller, or None."""
+        """The entry of record ``name`` with a new reference for the caller, or None.
+
+        Raises:
+            IntegrityError: the record is damaged (see :meth:`fsck`).
+        """
         with self._lock:
+            if name in self._damaged:
+                raise IntegrityError(
+                    f"record {name!r} in the store at {self.path} is damaged: {self._damaged[name]}",
+                    bo=repr(name),
+                )
             entry = self._names.get(name)
             if entry is not None:
                 self._refs[entry.key] += 1
@@ -825,27 +999,24 @@ class SwapStore(ABC):
         """Delete record ``name``; False if there was none.
 
         Raises:
-            StoreError: the commit failed.
+            StoreError: the commit failed, or the store is open for reading only.
         """
-        env = self._require_env()
         with self._lock:
             old = self._names.get(name)
             if old is None:
                 return False
-            try:
-                with self._write_lock, env.begin(write=True, db=self._names_db) as txn:
-                    txn.delete(name.encode())
-                self._sync_meta()
-            except lmdb.Error as e:
-                raise StoreError(f"removing record {name!r} failed: {e}") from e
+            self._check_writable()
+            self._commit_records(name, None, "removing")
             del self._names[name]
             self._release_locked(old)
+            self._write_state()
             return True
 
     def names(self) -> list[str]:
-        """Names of the committed records, sorted."""
+        """Names of the committed records, sorted; damaged ones too (reading
+        them raises IntegrityError)."""
         with self._lock:
-            return sorted(self._names)
+            return sorted([*self._names, *self._damaged])
 
     def _sync_meta(self) -> None:
         """Records are always durable once committed."""
@@ -865,8 +1036,10 @@ class SwapStore(ABC):
             entries = dict(self._entries)
             refs = dict(self._refs)
             report.used_bytes = self._used_bytes
-        report.names = sorted(names)
+        report.names = self.names()
         report.entries = len(entries)
+        report.problems.extend(self.problems)
+        report.problems.extend(f"record {n!r} is damaged: {why}" for n, why in sorted(self._damaged.items()))
         for key in entries:
             holders = sum(1 for e in names.values() if e.key == key)
             if refs.get(key) != holders:

@@ -38,6 +38,7 @@ from gpubo.store.base import (
     _Hasher,
     steps,
 )
+from gpubo.store.integrity import StoreState
 
 __all__ = ["LmdbStore"]
 
@@ -73,6 +74,26 @@ class LmdbStore(SwapStore):
         """Room LMDB needs besides our values: meta, branch and leaf pages,
         the free list, and pages a concurrent reader keeps from reuse."""
         return max(64 * PAGE_BYTES, size_bytes // 32)
+
+    def _data_file(self) -> str:
+        return _DATA_NAME
+
+    def _check_files(self, state: StoreState | None) -> None:
+        super()._check_files(state)
+        if state is None:
+            return
+        size = os.path.getsize(os.path.join(self.path, _DATA_NAME))
+        if size != state.data_bytes:
+            raise StoreError(
+                f"store {self.path!r} is damaged: {_DATA_NAME} holds {size} of its {state.data_bytes} "
+                f"bytes; its {state.records} record(s) cannot be trusted"
+            )
+
+    def _max_stored_key(self) -> int:
+        env = self._require_env()
+        with env.begin(db=self._data_db) as txn:
+            cursor = txn.cursor()
+            return _ENTRY_PREFIX.unpack_from(cursor.key())[0] if cursor.last() else 0
 
     def _minimum_size(self) -> int:
         return self._reserve_bytes(0) + self.footprint(1) + self.transit_bytes(1)
@@ -319,9 +340,7 @@ class LmdbStore(SwapStore):
                     views.append(None)  # written in pages, or missing: read_into says which
                     continue
                 if len(value) != entry.stored_bytes:
-                    raise IntegrityError(
-                        f"{label}: store chunk at byte 0 is truncated", bo=label, offset=0
-                    )
+                    raise IntegrityError(f"{label}: store chunk at byte 0 is truncated", bo=label, offset=0)
                 views.append(memoryview(value))
             yield views
         except lmdb.Error as e:

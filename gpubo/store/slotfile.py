@@ -43,6 +43,7 @@ from gpubo.store.base import (
     _Hasher,
     steps,
 )
+from gpubo.store.integrity import StoreState
 from gpubo.store.slots import SlotAllocator
 
 __all__ = ["SlotFileStore"]
@@ -115,6 +116,12 @@ def _split_extents(extents: list[tuple[int, int]], counts: list[int]) -> list[Ex
     return runs
 
 
+def _meta_bytes(size_bytes: int) -> int:
+    """Room for the records' LMDB environment: 4 MiB and 1/64 of the slot
+    file (how many records that holds is measured in the README)."""
+    return (4 << 20) + size_bytes // 64 // PAGE_BYTES * PAGE_BYTES
+
+
 class SlotFileStore(SwapStore):
     """Swap entries in a preallocated slot file (see the module docstring)."""
 
@@ -122,6 +129,26 @@ class SlotFileStore(SwapStore):
 
     def _minimum_size(self) -> int:
         return PAGE_BYTES
+
+    def _data_file(self) -> str:
+        return _SLOTS_NAME
+
+    def _check_files(self, state: StoreState | None) -> None:
+        super()._check_files(state)
+        if state is None:
+            return
+        size = os.path.getsize(os.path.join(self.path, _SLOTS_NAME)) // PAGE_BYTES * PAGE_BYTES
+        if size < PAGE_BYTES:
+            raise StoreError(
+                f"store {self.path!r} is damaged: its slot file {_SLOTS_NAME} is empty; "
+                f"its {state.records} record(s) are lost"
+            )
+        if size < state.data_bytes:
+            # Open for reading: records inside what is left are good, the
+            # others are damaged (and say so when read).
+            problem = f"the slot file is truncated: {size} of its {state.data_bytes} bytes are left"
+            self.problems.append(f"store {self.path!r}: {problem}")
+            self._read_only = problem
 
     def footprint(self, nbytes: int) -> int:
         return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
@@ -131,15 +158,32 @@ class SlotFileStore(SwapStore):
         # always has one (and is recognised as a slot-file store).
         self._create_slot_file(size_bytes)
         # Metadata only: records are small (a checksum per MiB, a few extents).
-        return lmdb.open(
+        # Its file is preallocated like the slot file, so that a full disk
+        # shows up here and never at a commit (see _meta_bytes).
+        meta_bytes = _meta_bytes(size_bytes)
+        env = lmdb.open(
             self.path,
-            map_size=(64 << 20) + size_bytes // 256,
+            map_size=meta_bytes,
             subdir=True,
             sync=True,
             metasync=True,
             max_dbs=4,
             mode=0o600,
         )
+        path = os.path.join(self.path, "data.mdb")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size < meta_bytes:
+                    os.posix_fallocate(fd, 0, meta_bytes)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            env.close()
+            raise StoreError(
+                f"cannot preallocate {meta_bytes} bytes for the store's records at {path!r}: {e}"
+            ) from e
+        return env
 
     def _create_slot_file(self, size_bytes: int) -> None:
         """Create ``slots.bin`` at its full size, atomically: it is preallocated
@@ -194,17 +238,20 @@ class SlotFileStore(SwapStore):
             self._bounce_arr = np.frombuffer(self._bounce, np.uint8)
             self._bounce_lock = threading.Lock()  # one chunk through the bounce at a time
 
-    def _load_names(self) -> None:
-        super()._load_names()
-        if not self._reclaim_at_open:  # the slot map is always rebuilt from records
-            self._reclaim(dict(self._entries))
+    def _admit_record(self, name: str, entry: Entry) -> str | None:
+        # The slot map is rebuilt from the records, so the slots of anonymous
+        # entries of a dead process are free by construction.
+        slots = sum(count for _, count in entry.extents)
+        if slots * PAGE_BYTES != entry.footprint or entry.stored_bytes > entry.footprint:
+            return f"its {slots} slot(s) do not hold its footprint of {entry.footprint} bytes"
+        try:
+            self._alloc.mark_used(entry.extents)
+        except ValueError as e:
+            past = any(start + count > self._alloc.nslots for start, count in entry.extents)
+            return "its slots lie past the end of the slot file" if past else str(e)
+        return None
 
     def _reclaim(self, keep: dict[int, Entry]) -> int:
-        for entry in keep.values():
-            try:
-                self._alloc.mark_used(entry.extents)
-            except ValueError as e:
-                raise StoreError(f"store {self.path!r}: entry {entry.key} is damaged: {e}") from e
         return 0  # slots of anonymous entries were never recorded: free already
 
     def _place(self, key: int, nbytes: int, plans: list[ChunkPlan]) -> tuple[Extents, int]:

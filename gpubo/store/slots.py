@@ -96,9 +96,14 @@ class SlotAllocator:
         Raises:
             ValueError: an extent is out of range or already taken.
         """
-        for start, n in extents:
+        end = -1
+        for start, n in sorted(extents):  # all checked before any is taken
             if start < 0 or n <= 0 or start + n > self.nslots or _USED in self._used[start : start + n]:
                 raise ValueError(f"extent ({start}, {n}) is out of range or overlaps another")
+            if start < end:
+                raise ValueError(f"extent ({start}, {n}) overlaps another of the same entry")
+            end = start + n
+        for start, n in extents:
             self._used[start : start + n] = _USED * n
             self.free_slots -= n
             for c in range(start // CLUSTER_SLOTS, (start + n - 1) // CLUSTER_SLOTS + 1):
