@@ -62,6 +62,7 @@ import gpubo
 from gpubo import BufferObject, Manager, State
 from gpubo.backends import OpenCLBackend
 from gpubo.store import open_store
+from gpubo.store.private import PrivateDir
 
 # -- shared with benchmarks/evict_restore.py -----------------------------------
 
@@ -520,11 +521,11 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
 
 @contextlib.contextmanager
 def bench_directory(parent: str) -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="gpubo-bench-", dir=parent)
+    private = PrivateDir("gpubo-bench-", parent)
     try:
-        yield directory
+        yield private.path
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        private.remove()
 
 
 def direct_ok(directory: str) -> bool:

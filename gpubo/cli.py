@@ -37,7 +37,8 @@ import pyopencl as cl
 import gpubo
 from gpubo import GpuboError, format_bytes, parse_bytes
 from gpubo.backends import OpenCLBackend, describe_platforms
-from gpubo.store import FsckReport, SwapStore, open_existing
+from gpubo.store import FsckReport, SwapStore, detect_backend, open_existing
+from gpubo.store.private import sweep as sweep_private_dirs
 from gpubo.stress import (
     MAX_MULTI,
     SELFTEST_CHECKS,
@@ -104,6 +105,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str
     cells = [[str(c) for c in row] for row in rows]
     lines = [list(headers)] if any(headers) else []
     lines += cells
+    if not lines:
+        return f"{indent}(none)"
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = [
         indent + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
@@ -131,6 +134,14 @@ def main(verbose: int) -> None:
     """gpubo: budgeted GPU buffer objects that spill straight into a swap-slot store."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so managers close and private stores go.
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 # -- gpubo info -------------------------------------------------------------------
@@ -638,8 +649,9 @@ def _write_plot(report: StressReport, path: str) -> None:
 
 @contextlib.contextmanager
 def _ctrl_c_stops() -> Iterator[threading.Event]:
-    """While inside, the first Ctrl-C sets the event (the run stops cleanly between
-    operations, then sweeps, frees and reports); a second one raises KeyboardInterrupt.
+    """While inside, the first Ctrl-C or SIGTERM sets the event (the run stops
+    cleanly between operations, then sweeps, frees, reports and deletes its
+    private stores); a second one raises KeyboardInterrupt.
 
     A KeyboardInterrupt raised in the middle of a gpubo call could leave that
     call half done; the event lets every call finish. Outside the main thread
@@ -657,10 +669,12 @@ def _ctrl_c_stops() -> Iterator[threading.Event]:
         click.echo("\nstopping after the operations under way (Ctrl-C again to abort)", err=True)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigint)  # a polite kill: the same clean stop
     try:
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 @main.command()
@@ -866,6 +880,8 @@ def stress(
         raise _Failure(f"{type(e).__name__}: {e}") from e
     finally:
         progress.close()
+    if report.error and not report.stats:  # no manager could be built: nothing ran
+        raise _Failure(report.error)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -990,6 +1006,10 @@ def bench(
 # -- store commands -------------------------------------------------------------
 
 
+#: Files of which any one makes a directory a gpubo store (damaged or not).
+_STORE_FILES = ("gpubo.state", "gpubo.lock", "data.mdb", "slots.bin")
+
+
 def _open_store_for_cli(path: str, reclaim: bool) -> SwapStore:
     try:
         return open_existing(path, reclaim=reclaim)
@@ -1012,20 +1032,49 @@ def _fsck_payload(report: FsckReport) -> dict[str, Any]:
 
 
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, exists=True))
+@click.argument("store_path", metavar="STORE", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
-def fsck(store_path: str, as_json: bool) -> None:
+@click.option(
+    "--clean-tmp",
+    is_flag=True,
+    help="Delete the private stores that dead processes left in the temporary directory.",
+)
+def fsck(store_path: str | None, as_json: bool, clean_tmp: bool) -> None:
     """Check a store: every record's checksums, refcounts, space accounting, leaks.
 
     Opens the store without reclaiming anything, so bytes a killed process
     left behind are reported as leaks (the next normal open reclaims them).
+    A store that cannot prove it is whole (a missing or truncated file,
+    records rolled back, damaged records) is reported, never repaired.
     Exit code 0 only if no problem was found.
     """
-    store = _open_store_for_cli(store_path, reclaim=False)
+    if clean_tmp:
+        swept = sweep_private_dirs()
+        if as_json and store_path is None:
+            click.echo(json.dumps({"removed": swept}, indent=2))
+        else:
+            for path in swept:
+                click.echo(f"removed {path} (left by a dead process)", err=as_json)
+            click.echo(f"fsck --clean-tmp: {len(swept)} private director(y/ies) removed", err=as_json)
+        if store_path is None:
+            return
+    if store_path is None:
+        raise click.UsageError("give a STORE to check, or --clean-tmp")
     try:
-        report = store.fsck()
-    finally:
-        store.close()
+        store = open_existing(store_path, reclaim=False)
+    except GpuboError as e:  # damaged past opening: that is what fsck reports
+        if not any(os.path.exists(os.path.join(store_path, f)) for f in _STORE_FILES):
+            raise _Failure(f"{type(e).__name__}: {e}") from e
+        try:
+            backend = detect_backend(store_path) or "?"
+        except GpuboError:
+            backend = "?"
+        report = FsckReport(store_path, backend, problems=[f"{type(e).__name__}: {e}"])
+    else:
+        try:
+            report = store.fsck()
+        finally:
+            store.close()
     if as_json:
         click.echo(json.dumps(_fsck_payload(report), indent=2))
     else:
@@ -1048,7 +1097,11 @@ def stats(store_path: str, as_json: bool) -> None:
     store = _open_store_for_cli(store_path, reclaim=False)
     try:
         records: list[dict[str, Any]] = []
+        damaged = store.damaged_records()
         for name in store.names():
+            if name in damaged:
+                records.append({"name": name, "damaged": damaged[name]})
+                continue
             entry = store.lookup(name)
             assert entry is not None
             records.append(
@@ -1079,7 +1132,12 @@ def stats(store_path: str, as_json: bool) -> None:
         f"used {format_bytes(payload['used_bytes'])}"
     )
     if records:
-        rows = [[r["name"], format_bytes(r["nbytes"]), format_bytes(r["stored_bytes"])] for r in records]
+        rows = [
+            [r["name"], format_bytes(r["nbytes"]), format_bytes(r["stored_bytes"])]
+            if "damaged" not in r
+            else [r["name"], "DAMAGED", r["damaged"]]
+            for r in records
+        ]
         click.echo(_table(["record", "size", "stored"], rows))
     else:
         click.echo("  no named records")

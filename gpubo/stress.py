@@ -41,11 +41,9 @@ import multiprocessing.connection
 import os
 import random
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -67,6 +65,7 @@ from gpubo import (
     StoreFull,
     format_bytes,
 )
+from gpubo.store.private import PrivateDir
 
 __all__ = [
     "MAX_MULTI",
@@ -765,11 +764,11 @@ def _store_path(store: str | None, parent: str | None = None) -> Iterator[str]:
     if store is not None:
         yield store
         return
-    path = tempfile.mkdtemp(prefix="gpubo-stress-", dir=parent)
+    private = PrivateDir("gpubo-stress-", parent)
     try:
-        yield path
+        yield private.path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        private.remove()
 
 
 def _set_percentiles(r: StressReport) -> None:

@@ -257,3 +257,33 @@ def test_contradicting_limits_blame_the_ones_given(mgr: gpubo.Manager) -> None:
     with pytest.raises(ValueError, match=r"min \(2\.0MiB\) must not exceed max \(1\.0MiB\)"):
         g.set_limits(max="1MiB", min="2MiB")
     assert (g.max, g.low, g.min) == (None, 0, 0)
+
+
+# -- the CLI never prints a traceback for a Manager that cannot be built ---------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--store-size", "1000TiB"],
+        ["--oversubscribe", "1e9"],
+        ["--budget", "16MiB", "--store-size", "1000TiB", "--processes", "2"],
+        ["--device-env"],
+        ["--device-env", "--processes", "2", "--budget", "16MiB"],
+    ],
+)
+def test_stress_that_cannot_build_its_manager_exits_3(
+    monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    from click.testing import CliRunner
+
+    from gpubo.cli import main
+
+    if "--device-env" in args:
+        args = [a for a in args if a != "--device-env"]
+        monkeypatch.setenv("GPUBO_DEVICE", "nonexistent")
+    base = ["stress", "--budget", "4MiB", "--size", "1MiB", "--seconds", "1"]
+    result = CliRunner().invoke(main, base + args)
+    assert result.exit_code == 3, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Error:" in result.output and "Traceback" not in result.output

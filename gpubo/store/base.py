@@ -40,9 +40,7 @@ import functools
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -55,6 +53,7 @@ import xxhash
 
 from gpubo._errors import IntegrityError, StoreError, StoreFull
 from gpubo.store.integrity import StoreState, check_lmdb_file, read_state, write_state
+from gpubo.store.private import PrivateDir
 
 __all__ = [
     "CHUNK_BYTES",
@@ -365,9 +364,11 @@ class SwapStore(ABC):
         if size_bytes < minimum:
             raise ValueError(f"store_size must be at least {minimum} bytes, got {size_bytes}")
         self._temporary = path is None
+        self._private: PrivateDir | None = None
         try:
             if path is None:
-                self.path = tempfile.mkdtemp(prefix="gpubo-store-")
+                self._private = PrivateDir("gpubo-store-")
+                self.path = self._private.path
             else:
                 self.path = os.fspath(path)
                 os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -436,6 +437,11 @@ class SwapStore(ABC):
                         f"store {self.path!r} is damaged: its file {name} is missing (or not a file); "
                         f"its {state.records} record(s) cannot be read"
                     )
+            if os.path.getsize(data) < 2 * PAGE_BYTES:  # LMDB would make a new, empty one of it
+                raise StoreError(
+                    f"store {self.path!r} is damaged: data.mdb is truncated to {os.path.getsize(data)} "
+                    f"bytes; its {state.records} record(s) cannot be read"
+                )
         if os.path.isdir(data):
             raise StoreError(f"store {self.path!r} is damaged: data.mdb is a directory")
         check_lmdb_file(data, PAGE_BYTES)
@@ -1012,6 +1018,10 @@ class SwapStore(ABC):
             self._write_state()
             return True
 
+    def damaged_records(self) -> dict[str, str]:
+        """The damaged records found at open: name -> what is wrong."""
+        return dict(self._damaged)
+
     def names(self) -> list[str]:
         """Names of the committed records, sorted; damaged ones too (reading
         them raises IntegrityError)."""
@@ -1082,8 +1092,8 @@ class SwapStore(ABC):
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # also drops the flock
             self._lock_fd = -1
-        if self._temporary and os.path.isdir(self.path):
-            shutil.rmtree(self.path, ignore_errors=True)
+        if self._private is not None:
+            self._private.remove()
 
     def __repr__(self) -> str:
         if self._env is None:

@@ -161,6 +161,8 @@ class SlotFileStore(SwapStore):
         # Its file is preallocated like the slot file, so that a full disk
         # shows up here and never at a commit (see _meta_bytes).
         meta_bytes = _meta_bytes(size_bytes)
+        path = os.path.join(self.path, "data.mdb")
+        new = not os.path.exists(path)  # an existing one is never touched before it is checked
         env = lmdb.open(
             self.path,
             map_size=meta_bytes,
@@ -170,12 +172,12 @@ class SlotFileStore(SwapStore):
             max_dbs=4,
             mode=0o600,
         )
-        path = os.path.join(self.path, "data.mdb")
+        if not new:
+            return env
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                if os.fstat(fd).st_size < meta_bytes:
-                    os.posix_fallocate(fd, 0, meta_bytes)
+                os.posix_fallocate(fd, 0, meta_bytes)
             finally:
                 os.close(fd)
         except OSError as e:
