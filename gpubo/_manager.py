@@ -730,6 +730,8 @@ class Manager:
         Raises:
             TypeError, ValueError: bad ``name`` or ``priority``.
             NameNotFound: the store has no record of that name.
+            IntegrityError: the record is damaged (the store is then open
+                for reading only; ``gpubo fsck`` lists what is wrong).
             StoreFull: the store cannot back one more live BO.
             ManagerClosed: the manager was closed.
         """
