@@ -1120,6 +1120,7 @@ def stats(store_path: str, as_json: bool) -> None:
             "capacity_bytes": store.capacity_bytes,
             "used_bytes": store.used_bytes,
             "records": records,
+            "problems": list(store.problems),
         }
     finally:
         store.close()
@@ -1131,6 +1132,8 @@ def stats(store_path: str, as_json: bool) -> None:
         f"  size {format_bytes(store.size_bytes)}, capacity {format_bytes(store.capacity_bytes)}, "
         f"used {format_bytes(payload['used_bytes'])}"
     )
+    for problem in payload["problems"]:
+        click.echo(f"  PROBLEM: {problem} (see gpubo fsck)")
     if records:
         rows = [
             [r["name"], format_bytes(r["nbytes"]), format_bytes(r["stored_bytes"])]

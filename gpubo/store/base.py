@@ -620,8 +620,8 @@ class SwapStore(ABC):
             self.problems.append(message)
             self._read_only = lost
             return
-        if state is None or self._generation != state.generation:
-            self._write_state()  # a new store, or a crash right after a commit
+        if self._reclaim_at_open and (state is None or self._generation != state.generation):
+            self._write_state()  # a new store, or a crash right after a commit (fsck writes nothing)
 
     def _write_state(self) -> None:
         write_state(
