@@ -52,7 +52,7 @@ import numpy as np
 import xxhash
 
 from gpubo._errors import IntegrityError, StoreError, StoreFull
-from gpubo.store.integrity import StoreState, check_lmdb_file, read_state, write_state
+from gpubo.store.integrity import STATE_NAME, StoreState, check_lmdb_file, read_state, write_state
 from gpubo.store.private import PrivateDir
 
 __all__ = [
@@ -84,6 +84,9 @@ _LOCK_NAME = "gpubo.lock"
 Extents = tuple[tuple[int, int], ...]
 _FORMAT_KEY = b"format"
 _GENERATION_KEY = b"generation"
+#: The files a failed open of a new store removes if it made them (not the
+#: lock file: removing it could split the next two openers' locks).
+_STORE_FILES = frozenset({STATE_NAME, "data.mdb", "lock.mdb", "slots.bin", "slots.bin.tmp"})
 _GENERATION = struct.Struct(">Q")
 
 
@@ -393,6 +396,8 @@ class SwapStore(ABC):
         self._damaged: dict[str, str] = {}
         self._read_only: str | None = None
         self._generation = 0  # of the records; guarded by _lock
+        # What was here before: a failed open removes only what it made.
+        before = set(os.listdir(self.path))
         try:
             self._take_lock()
             state = read_state(self.path)
@@ -404,10 +409,10 @@ class SwapStore(ABC):
             self._open_data(size_bytes)
             self._load_names(state)
         except lmdb.Error as e:
-            self.close()
+            self._close_failed_open(before)
             raise StoreError(f"cannot open the store at {self.path!r}: {e}") from e
         except BaseException:
-            self.close()
+            self._close_failed_open(before)
             raise
 
     # -- backend hooks ------------------------------------------------------
@@ -630,6 +635,20 @@ class SwapStore(ABC):
                 FORMAT_VERSION, self.backend_name, self._data_bytes, self._generation, len(self._names)
             ),
         )
+
+    def _close_failed_open(self, before: set[str]) -> None:
+        """Close after a failed open; a store that did not exist before
+        (no state file, no data) leaves none of the files it made behind;
+        only while it held the store's lock (another opener's files are not
+        its to remove)."""
+        locked = self._lock_fd >= 0
+        self.close()
+        if not locked or self._private is not None or STATE_NAME in before or "data.mdb" in before:
+            return
+        for name in sorted(set(os.listdir(self.path)) - before):
+            if name in _STORE_FILES:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.path, name))
 
     def _check_writable(self) -> None:
         if self._read_only is not None:

@@ -117,9 +117,9 @@ def _split_extents(extents: list[tuple[int, int]], counts: list[int]) -> list[Ex
 
 
 def _meta_bytes(size_bytes: int) -> int:
-    """Room for the records' LMDB environment: 4 MiB and 1/64 of the slot
+    """Room for the records' LMDB environment: 1 MiB and 1/64 of the slot
     file (how many records that holds is measured in the README)."""
-    return (4 << 20) + size_bytes // 64 // PAGE_BYTES * PAGE_BYTES
+    return (1 << 20) + size_bytes // 64 // PAGE_BYTES * PAGE_BYTES
 
 
 class SlotFileStore(SwapStore):
