@@ -116,21 +116,93 @@ def leak_check(_pocl_warm: None) -> Iterator[None]:
     assert fds_after <= fds + _FD_TOLERANCE, f"file descriptors leaked: {fds} -> {fds_after}"
 
 
+class CountingBackend:
+    """The manager's real backend, observed: every call goes to it, and the
+    device buffers it allocates and releases are counted, so that the
+    budget is checked against what exists on the device, not against the
+    manager's own counters (pool, staging and in-flight buffers included).
+
+    ``peak_bytes`` is the most that was alive at once; ``violations`` lists
+    every allocation that took the live bytes over the budget.
+    """
+
+    def __init__(self, real: Any, budget: int) -> None:
+        self._real = real
+        self.budget = budget
+        self.live: dict[int, int] = {}
+        self.peak_bytes = 0
+        self.violations: list[int] = []
+        self._count_lock = threading.Lock()
+
+    _OWN = frozenset({"_real", "budget", "live", "peak_bytes", "violations", "_count_lock"})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in CountingBackend._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._real, name, value)
+
+    def allocate(self, nbytes: int, **kwargs: Any) -> Any:
+        buf = self._real.allocate(nbytes, **kwargs)
+        with self._count_lock:
+            self.live[buf.int_ptr] = nbytes
+            alive = sum(self.live.values())
+            self.peak_bytes = max(self.peak_bytes, alive)
+            if alive > self.budget:
+                self.violations.append(alive)
+        return buf
+
+    def release(self, buf: Any) -> None:
+        with self._count_lock:
+            self.live.pop(buf.int_ptr, None)
+        self._real.release(buf)
+
+    @property
+    def live_bytes(self) -> int:
+        with self._count_lock:
+            return sum(self.live.values())
+
+
+def count_device_bytes(m: gpubo.Manager) -> CountingBackend:
+    """Put a :class:`CountingBackend` under ``m`` (before it allocates anything)."""
+    assert m.stats().resident_bytes == 0 and m.stats().pooled_bytes == 0
+    counter = CountingBackend(m.backend, m.budget)
+    m.backend = counter  # type: ignore[assignment]
+    return counter
+
+
+def check_counted(counter: CountingBackend, closed: bool) -> None:
+    """The device never held more than the budget; after close, nothing."""
+    assert not counter.violations, f"device bytes over the budget {counter.budget}: {counter.violations[:5]}"
+    assert counter.peak_bytes <= counter.budget
+    if closed:
+        assert counter.live_bytes == 0, f"{counter.live_bytes} device bytes still allocated after close"
+
+
 @pytest.fixture
 def make_mgr(leak_check: None) -> Iterator[Callable[..., gpubo.Manager]]:
-    """Factory of managers; each is closed (and its temporary store checked gone) at teardown."""
-    made: list[tuple[gpubo.Manager, str | None]] = []
+    """Factory of managers; each is closed (and its temporary store checked gone) at teardown.
+
+    Each one's device buffers are counted (:class:`CountingBackend`): the
+    test fails if they ever exceed its budget, or outlive its close.
+    """
+    made: list[tuple[gpubo.Manager, str | None, CountingBackend]] = []
 
     def make(budget: Any = "4MiB", store_size: Any = "64MiB", **kwargs: Any) -> gpubo.Manager:
         m = gpubo.Manager(budget=budget, store_size=store_size, **kwargs)
-        made.append((m, m.store.path if kwargs.get("store") is None else None))
+        made.append((m, m.store.path if kwargs.get("store") is None else None, count_device_bytes(m)))
         return m
 
     yield make
-    for m, _ in made:
+    for m, _, counter in made:
         check_budget(m)
+        check_counted(counter, closed=False)
         m.close()
-    for _, temp_path in made:
+        check_counted(counter, closed=True)
+    for _, temp_path, _ in made:
         if temp_path is not None:
             assert not os.path.exists(temp_path), f"temporary store {temp_path} not deleted on close"
 
