@@ -19,6 +19,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
+from conftest import INC_SRC, check_budget, check_counted, count_device_bytes
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -30,7 +31,6 @@ from hypothesis.stateful import (
 )
 
 import gpubo
-from conftest import INC_SRC, check_budget, check_counted, count_device_bytes
 
 KiB = 1 << 10
 BUDGET = 512 * KiB
