@@ -320,7 +320,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @invariant()
     def budget_and_counts(self) -> None:
         self.steps += 1
-        for key, (bo, model) in list(self.model.items()):
+        for key, (bo, _) in list(self.model.items()):
             if bo.state is P:  # any eviction may drop a purgeable BO instead of swapping it
                 assert key in self.purgeable_ever, repr(bo)
                 self.model[key] = (bo, None)
