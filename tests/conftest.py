@@ -6,11 +6,13 @@ Nothing here mocks OpenCL or LMDB. Faults are injected at real boundaries
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyopencl as cl
@@ -53,6 +55,40 @@ _M32 = 1 << 32
 # After warm-up, a test may leave at most this many extra file descriptors
 # (PoCL opens its kernel cache lazily; one LMDB store alone holds three).
 _FD_TOLERANCE = 1
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_CACHESTAT = 451  # the same number on every architecture
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Stat(ctypes.Structure):
+    _fields_ = [
+        (n, ctypes.c_uint64)
+        for n in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
+class CacheStat(NamedTuple):
+    cached: int
+    dirty: int
+    writeback: int
+
+
+def cachestat(file: Path, offset: int = 0, length: int = 0) -> CacheStat:
+    """Pages of ``file`` in ``[offset, offset + length)`` (0: to the end)."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        rng, st = _Range(offset, length), _Stat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cachestat: {os.strerror(err)}")
+        return CacheStat(st.nr_cache, st.nr_dirty, st.nr_writeback)
+    finally:
+        os.close(fd)
 
 
 def slow_expected(n: int, iters: int) -> np.ndarray:

@@ -12,52 +12,19 @@ the tests that need them.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+from conftest import cachestat
 
 import gpubo
 
 MiB = 1 << 20
 PAGE = 4096
-_SYS_CACHESTAT = 451  # the same number on every architecture
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _Range(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Stat(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_uint64)
-        for n in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
-    ]
-
-
-class CacheStat(NamedTuple):
-    cached: int
-    dirty: int
-    writeback: int
-
-
-def cachestat(file: Path, offset: int = 0, length: int = 0) -> CacheStat:
-    """Pages of ``file`` in ``[offset, offset + length)`` (0: to the end)."""
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        rng, st = _Range(offset, length), _Stat()
-        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"cachestat: {os.strerror(err)}")
-        return CacheStat(st.nr_cache, st.nr_dirty, st.nr_writeback)
-    finally:
-        os.close(fd)
 
 
 def _data(nbytes: int, seed: int) -> np.ndarray:
@@ -165,3 +132,45 @@ def test_a_filesystem_too_small_for_the_store_is_a_clear_error_at_open(mount, ba
         bo.write(_data(64 * 1024, 5))
         bo.evict()
         assert np.array_equal(bo.read(), _data(64 * 1024, 5))
+
+
+def test_the_store_cache_shrinker_writes_back_and_drops_the_slot_files_pages(tmp_path: Path) -> None:
+    """The page-cache shrinker of the slot-file store (msync, madvise and
+    fadvise): after a scan, the evicted bytes are on disk and out of the
+    host's page cache, and they still read back."""
+    from gpubo.shrinker import StoreCacheShrinker
+
+    with _manager(tmp_path / "s", "slotfile", "lazy") as m:
+        bos = [m.alloc(2 * MiB) for _ in range(4)]
+        for i, bo in enumerate(bos):
+            bo.write(_data(2 * MiB, 10 + i))
+            bo.evict()
+        slots = tmp_path / "s" / "slots.bin"
+        before = cachestat(slots)
+        assert before.dirty > 0 and before.cached >= 4 * (2 * MiB // PAGE)
+        shrinker = next(s for s in m.shrinkers if isinstance(s, StoreCacheShrinker))
+        assert shrinker.count() == 4 * 2 * MiB
+        assert shrinker.scan(8 * MiB) == 4 * 2 * MiB
+        after = cachestat(slots)
+        assert after.dirty == 0 and after.writeback == 0, after
+        assert after.cached == 0, after
+        assert shrinker.count() == 0
+        for i, bo in enumerate(bos):
+            assert np.array_equal(bo.read(), _data(2 * MiB, 10 + i))
+
+
+def test_the_lmdb_store_cache_shrinker_writes_back_but_keeps_its_map(tmp_path: Path) -> None:
+    """LMDB keeps its whole map mapped: the scan writes the pages back (the
+    host may then reclaim them) and reports nothing dropped."""
+    from gpubo.shrinker import StoreCacheShrinker
+
+    with _manager(tmp_path / "s", "lmdb", "lazy") as m:
+        bo = m.alloc(2 * MiB)
+        bo.write(_data(2 * MiB, 20))
+        bo.evict()
+        assert cachestat(tmp_path / "s" / "data.mdb").dirty > 0
+        shrinker = next(s for s in m.shrinkers if isinstance(s, StoreCacheShrinker))
+        assert shrinker.scan(8 * MiB) == 0
+        st = cachestat(tmp_path / "s" / "data.mdb")
+        assert st.dirty == 0 and st.writeback == 0, st
+        assert np.array_equal(bo.read(), _data(2 * MiB, 20))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import AXPY_SRC, check_budget, pattern
+from conftest import AXPY_SRC, cachestat, check_budget, pattern
 
 import gpubo
 from gpubo import cli
@@ -303,6 +303,14 @@ def _kill(proc: subprocess.Popen[str]) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def _store_pages(store: Path) -> int:
+    """Pages of the store's data file in the page cache (0 before it exists)."""
+    try:
+        return cachestat(store / "data.mdb").cached
+    except FileNotFoundError:
+        return 0
+
+
 def _reopens_empty(store: Path) -> None:
     m = gpubo.Manager(budget=4 * MiB, store=str(store), store_size=64 * MiB)
     with m:
@@ -319,7 +327,13 @@ def test_a_process_killed_mid_run_leaves_a_store_that_reopens(tmp_path: Path, le
     store = tmp_path / "store"
     proc = _spawn_stress("--budget", "4MiB", "--size", "1MiB", "--seconds", "60", "--store", str(store))
     try:
-        time.sleep(1.5)  # into the timed phase: BOs swapped out, entries in the store
+        # The handshake: evicted bytes have reached the store's file (its
+        # pages in the host's page cache, seen by cachestat(2)).
+        deadline = time.monotonic() + 60
+        while _store_pages(store) < 2 * MiB // 4096:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the stress run never evicted into its store"
+            time.sleep(0.01)
         assert proc.poll() is None, proc.communicate()
     finally:
         _kill(proc)

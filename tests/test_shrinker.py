@@ -596,10 +596,13 @@ def test_monitor_poll_skips_a_bo_another_thread_holds(mgr: gpubo.Manager, hold: 
         t, release = _hold_in_thread(held.lock.acquire, held.lock.release)
     try:
         mon = PressureMonitor(mgr, Scripted([], then=Pressure(64 * MiB)), interval=1.0)
-        start = time.monotonic()
-        mon.poll()
-        took = time.monotonic() - start
-        assert took < 2.0, f"poll blocked for {took:.1f}s on a BO another thread holds"
+        # The holder lets go only after the poll returned: a poll that blocked
+        # on the held BO would never return (the guard below, not a timing).
+        polled = threading.Event()
+        poller = threading.Thread(target=lambda: (mon.poll(), polled.set()))
+        poller.start()
+        assert polled.wait(60), "poll blocked on a BO another thread holds"
+        poller.join()
         assert held.state is R and other.state is S
     finally:
         release.set()
