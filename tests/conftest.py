@@ -218,6 +218,69 @@ def check_counted(counter: CountingBackend, closed: bool) -> None:
         assert counter.live_bytes == 0, f"{counter.live_bytes} device bytes still allocated after close"
 
 
+class Gate:
+    """A ``UserEvent`` that a gated launch waits for: the kernel cannot start,
+    so its BOs stay busy for as long as the test needs, on any device.
+
+    The gate opens when the test calls :meth:`open`, or when the manager
+    first blocks on the device: the backend under ``m`` is observed, and
+    any call that could wait for the queue (a wait on an unfinished event,
+    a map, a copy, an allocation, a finish) opens the gate just before it
+    runs. So every decision a non-blocking path makes sees the kernel still
+    queued, a blocking path never deadlocks, and ``opened_by`` tells which
+    call opened it (None while closed).
+    """
+
+    #: Backend calls that never wait for the device.
+    _NON_BLOCKING = frozenset({"is_complete", "fence", "launch", "const_args", "release"})
+
+    def __init__(self, m: gpubo.Manager) -> None:
+        self.event = cl.UserEvent(m.context)
+        self.opened_by: str | None = None
+        self._observe(m)
+
+    def open(self, by: str = "the test") -> None:
+        if self.opened_by is None:
+            self.opened_by = by
+            self.event.set_status(cl.command_execution_status.COMPLETE)
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_by is not None
+
+    def _observe(self, m: gpubo.Manager) -> None:
+        real = m.backend
+        gate = self
+
+        class Observed:
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(real, name)
+                if not callable(attr) or name in Gate._NON_BLOCKING:
+                    return attr
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    if name == "wait":
+                        events = args[0] if args else kwargs.get("events", [])
+                        if any(not real.is_complete(ev) for ev in events):
+                            gate.open(by="wait")
+                    else:
+                        gate.open(by=name)
+                    return attr(*args, **kwargs)
+
+                return call
+
+            def __setattr__(self, name: str, value: Any) -> None:
+                setattr(real, name, value)
+
+        m.backend = Observed()  # type: ignore[assignment]
+
+
+def gated_launch(m: gpubo.Manager, kernel: cl.Kernel, global_size: Any, *args: Any) -> tuple[cl.Event, Gate]:
+    """``m.launch`` of a kernel that waits for a fresh :class:`Gate`."""
+    gate = Gate(m)
+    return m.launch(kernel, global_size, None, *args, wait_for=[gate.event]), gate
+
+
 @pytest.fixture
 def make_mgr(leak_check: None) -> Iterator[Callable[..., gpubo.Manager]]:
     """Factory of managers; each is closed (and its temporary store checked gone) at teardown.

@@ -18,15 +18,15 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
-from conftest import AXPY_SRC, INC_SRC, SLOW_SRC, check_budget, pattern, slow_expected
+from conftest import AXPY_SRC, INC_SRC, SLOW_SRC, check_budget, gated_launch, pattern, slow_expected
 
 import gpubo
 from gpubo import State
 
 MiB = 1 << 20
 ARG_INFO = ["-cl-kernel-arg-info"]
-#: A SLOW_SRC launch of this size still runs when the host looks (about 0.3 s on PoCL).
-SLOW_N, SLOW_ITERS = 1024, 150_000
+#: A SLOW_SRC launch (held busy by a gate, not by its speed).
+SLOW_N, SLOW_ITERS = 1024, 1_000
 
 MakeMgr = Callable[..., gpubo.Manager]
 BuildKernel = Callable[[gpubo.Manager, str, str], cl.Kernel]
@@ -212,10 +212,12 @@ def test_launch_with_array_makes_the_bo_busy_and_dirty(mgr: gpubo.Manager, build
     bo = mgr.alloc(n * 4)
     clean_copy(bo)
     with bo.array(n, np.uint32) as arr:
-        ev = mgr.launch(slow, (n,), None, arr, np.uint32(iters))
-        assert bo.busy  # the kernel is still running
+        ev, gate = gated_launch(mgr, slow, (n,), arr, np.uint32(iters))
+        assert bo.busy  # the kernel cannot start before its gate opens
         with pytest.raises(gpubo.BufferBusy):
             bo.free()  # pinned by the block
+    assert bo.busy and not gate.is_open
+    gate.open()
     ev.wait()
     assert not bo.busy
     np.testing.assert_array_equal(bo.read(np.uint32), slow_expected(n, iters))
@@ -228,8 +230,10 @@ def test_launch_with_array_waits_before_eviction(mgr: gpubo.Manager, build_kerne
     n, iters = SLOW_N, SLOW_ITERS
     bo = mgr.alloc(n * 4)
     with bo.array(n, np.uint32) as arr:
-        mgr.launch(slow, (n,), None, arr, np.uint32(iters))
+        _, gate = gated_launch(mgr, slow, (n,), arr, np.uint32(iters))
+    assert bo.busy
     bo.evict()  # must wait for the kernel
+    assert gate.opened_by == "wait"
     np.testing.assert_array_equal(bo.read(np.uint32), slow_expected(n, iters))
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pyopencl as cl
 import pytest
-from conftest import AXPY_SRC, INC_SRC, SLOW_SRC, check_budget, pattern, slow_expected
+from conftest import AXPY_SRC, INC_SRC, SLOW_SRC, Gate, check_budget, gated_launch, pattern, slow_expected
 
 import gpubo
 
@@ -15,9 +15,10 @@ MiB = 1 << 20
 R, S = gpubo.State.RESIDENT, gpubo.State.SWAPPED
 Builder = Callable[[gpubo.Manager, str, str], cl.Kernel]
 
-#: Work items and LCG steps of the slow kernel: a few hundred ms on 2 PoCL cores.
+#: Work items and LCG steps of the slow kernel; it is held busy by a gate,
+#: not by its speed, so a few steps are enough.
 SLOW_N = 1024
-SLOW_ITERS = 150_000
+SLOW_ITERS = 1_000
 
 
 def test_launch_restores_evicted_args_and_mixes_scalars(mgr: gpubo.Manager, build_kernel: Builder) -> None:
@@ -107,8 +108,9 @@ def test_same_bo_twice_in_args(mgr: gpubo.Manager, build_kernel: Builder) -> Non
     assert (bo.read(np.float32) == 8).all()
 
 
-def _launch_slow(m: gpubo.Manager, kernel: cl.Kernel, bo: gpubo.BufferObject) -> cl.Event:
-    return m.launch(kernel, (SLOW_N,), None, bo, np.uint32(SLOW_ITERS))
+def _launch_slow(m: gpubo.Manager, kernel: cl.Kernel, bo: gpubo.BufferObject) -> tuple[cl.Event, Gate]:
+    """A launch that cannot start before its gate opens (see conftest.Gate)."""
+    return gated_launch(m, kernel, (SLOW_N,), bo, np.uint32(SLOW_ITERS))
 
 
 @pytest.mark.parametrize("force", ["bo.evict", "alloc", "mgr.evict", "free+alloc"])
@@ -118,9 +120,8 @@ def test_eviction_of_running_kernel_copies_its_output(
     slow = build_kernel(mgr, SLOW_SRC, "slow")
     bo = mgr.alloc(SLOW_N * 4, name="out")
     bo.write(np.full(SLOW_N, 0xDEADBEEF, np.uint32))
-    ev = _launch_slow(mgr, slow, bo)
-    was_busy = bo.busy
-    assert was_busy, "the slow kernel finished before the host could act; make it slower"
+    ev, gate = _launch_slow(mgr, slow, bo)
+    assert bo.busy  # the gate holds the kernel back, however fast the device
     if force == "bo.evict":
         bo.evict()
     elif force == "alloc":
@@ -130,11 +131,13 @@ def test_eviction_of_running_kernel_copies_its_output(
     else:
         # Free waits for the kernel, and a new BO on the recycled memory reads zeros.
         bo.free()
+        assert gate.opened_by == "wait"  # free waited for the kernel
         assert ev.command_execution_status == cl.command_execution_status.COMPLETE
         fresh = mgr.alloc(SLOW_N * 4)
         assert not fresh.read().any()
         return
     assert bo.state is S
+    assert gate.opened_by == "wait"  # the eviction waited for the kernel before copying
     assert ev.command_execution_status == cl.command_execution_status.COMPLETE
     assert not bo.busy
     got = bo.read(np.uint32)
@@ -150,12 +153,12 @@ def test_idle_bos_are_evicted_before_busy_ones(
     busy = m.alloc(MiB, name="busy")
     b = m.alloc(MiB, name="b")
     c = m.alloc(MiB, name="c")
-    _launch_slow(m, slow, busy)
+    _, gate = _launch_slow(m, slow, busy)
     # Touch b and c without queueing anything (the queue is in order: a read
     # would wait for the kernel): busy is now the least recently used.
     b.restore()
     c.restore()
-    assert busy.busy
+    assert busy.busy and not gate.is_open
     m.alloc(MiB)
     assert (busy.state, b.state, c.state) == (R, S, R)
     assert np.array_equal(busy.read(np.uint32, count=SLOW_N), slow_expected(SLOW_N, SLOW_ITERS))
@@ -164,8 +167,10 @@ def test_idle_bos_are_evicted_before_busy_ones(
 def test_read_and_write_wait_for_running_kernel(mgr: gpubo.Manager, build_kernel: Builder) -> None:
     slow = build_kernel(mgr, SLOW_SRC, "slow")
     bo = mgr.alloc(SLOW_N * 4 + 8)
-    _launch_slow(mgr, slow, bo)
+    _, gate = _launch_slow(mgr, slow, bo)
+    assert bo.busy
     bo.write(np.uint32(7).tobytes(), offset=SLOW_N * 4)  # beyond the kernel's range
+    assert gate.is_open  # the write went behind the kernel
     got = bo.read(np.uint32, count=SLOW_N)
     assert np.array_equal(got, slow_expected(SLOW_N, SLOW_ITERS))
     assert bo.read(np.uint32, count=1, offset=SLOW_N * 4)[0] == 7

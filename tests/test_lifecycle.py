@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pyopencl as cl
 import pytest
-from conftest import INC_SRC, SLOW_SRC, check_budget, pattern
+from conftest import INC_SRC, SLOW_SRC, check_budget, gated_launch, pattern
 
 import gpubo
 
@@ -158,8 +158,9 @@ def test_close_waits_for_running_kernel(
     m = make_mgr()
     slow = build_kernel(m, SLOW_SRC, "slow")
     bo = m.alloc(4096)
-    ev = m.launch(slow, (1024,), None, bo, np.uint32(50_000))
+    ev, gate = gated_launch(m, slow, (1024,), bo, np.uint32(1_000))  # cannot start before the gate opens
     m.close()
+    assert gate.opened_by == "wait"  # close waited for it
     assert ev.command_execution_status == cl.command_execution_status.COMPLETE
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyopencl as cl
 import pytest
-from conftest import INC_SRC, SLOW_SRC, check_budget, pattern, slow_expected
+from conftest import INC_SRC, SLOW_SRC, check_budget, gated_launch, pattern, slow_expected
 
 import gpubo
 from gpubo.shrinker import DeviceShrinker, PoolShrinker
@@ -279,14 +279,14 @@ def test_a_pinned_purgeable_bo_is_not_purged(mgr: gpubo.Manager) -> None:
 
 def test_a_busy_purgeable_bo_is_skipped_without_blocking(mgr: gpubo.Manager, build_kernel: Builder) -> None:
     slow = build_kernel(mgr, SLOW_SRC, "slow")
-    n, iters = 1024, 400_000
+    n, iters = 1024, 1_000
     bo = mgr.alloc(n * 4)
     bo.purgeable = True
-    ev = mgr.launch(slow, (n,), None, bo, np.uint32(iters))
-    assert bo.busy, "the slow kernel finished before the host could act; make it slower"
+    ev, gate = gated_launch(mgr, slow, (n,), bo, np.uint32(iters))
+    assert bo.busy  # held back by the gate, however fast the device
     mgr.shrink(64 * MiB, may_block=False)
     assert bo.state is R
-    assert not completed(ev)
+    assert not gate.is_open and not completed(ev)  # the shrink never waited for it
     assert bo.set_purgeable(False) is True
     assert np.array_equal(bo.read(np.uint32), slow_expected(n, iters))
 

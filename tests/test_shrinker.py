@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyopencl as cl
 import pytest
-from conftest import INC_SRC, SLOW_SRC, check_budget, pattern, slow_expected
+from conftest import INC_SRC, SLOW_SRC, Gate, check_budget, gated_launch, pattern, slow_expected
 
 import gpubo
 from gpubo.shrinker import (
@@ -34,10 +34,10 @@ MiB = 1 << 20
 N = 256 * KiB
 R, S, P = gpubo.State.RESIDENT, gpubo.State.SWAPPED, gpubo.State.PURGED
 
-#: SLOW_SRC work items and iterations: about a second on PoCL, long enough
-#: for the host to act while the kernel still runs.
+#: SLOW_SRC work items and iterations. A gate (conftest.Gate) keeps the
+#: kernel from starting while the host acts, so its speed does not matter.
 SLOW_N = 1024
-SLOW_ITERS = 400_000
+SLOW_ITERS = 1_000
 
 MakeMgr = Callable[..., gpubo.Manager]
 Builder = Callable[[gpubo.Manager, str, str], cl.Kernel]
@@ -124,8 +124,9 @@ def pressure_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "gpubo-pressure" and t.is_alive()]
 
 
-def launch_slow(m: gpubo.Manager, kernel: cl.Kernel, bo: gpubo.BufferObject) -> cl.Event:
-    return m.launch(kernel, (SLOW_N,), None, bo, np.uint32(SLOW_ITERS))
+def launch_slow(m: gpubo.Manager, kernel: cl.Kernel, bo: gpubo.BufferObject) -> tuple[cl.Event, Gate]:
+    """A launch that cannot start before its gate opens (see conftest.Gate)."""
+    return gated_launch(m, kernel, (SLOW_N,), bo, np.uint32(SLOW_ITERS))
 
 
 # -- the device walk ------------------------------------------------------------------------------
@@ -214,20 +215,21 @@ def test_shrink_without_blocking_skips_a_busy_bo_and_blocking_waits_for_it(
     clean, clean_data = written(m, 7)
     clean.evict()
     clean.restore()
-    ev = launch_slow(m, slow, busy)
+    ev, gate = launch_slow(m, slow, busy)
     clean.restore()  # touch without queueing: busy is now the least recently used
-    assert busy.busy, "the slow kernel finished before the host could act; make it slower"
+    assert busy.busy
     s0 = m.stats()
 
     freed = m.shrink(64 * MiB, may_block=False)
     assert freed == N  # only the clean idle BO
     assert clean.state is S
     assert busy.state is R
-    assert busy.busy and not completed(ev)
+    assert busy.busy and not gate.is_open and not completed(ev)
 
     freed = m.shrink(64 * MiB, may_block=True)
     assert freed == SLOW_N * 4
     assert busy.state is S
+    assert gate.opened_by == "wait"  # the blocking walk waited for the kernel
     assert completed(ev)
     s1 = m.stats()
     assert s1.bytes_evicted == s0.bytes_evicted + SLOW_N * 4  # the kernel's output was copied
@@ -243,10 +245,11 @@ def test_busy_bo_is_evicted_last_even_when_least_recently_used(
     slow = build_kernel(m, SLOW_SRC, "slow")
     busy = m.alloc(SLOW_N * 4)
     dirty, dirty_data = written(m, 8)
-    launch_slow(m, slow, busy)
+    _, gate = launch_slow(m, slow, busy)
     dirty.restore()  # touch: busy is the least recently used
-    assert busy.busy, "the slow kernel finished before the host could act; make it slower"
+    assert busy.busy
     assert m.evict(1) == N  # waits for the queue to copy, but picks the idle BO
+    assert gate.opened_by != "wait"  # it never waited for the busy BO's kernel
     assert (dirty.state, busy.state) == (S, R)
     assert np.array_equal(busy.read(np.uint32), slow_expected(SLOW_N, SLOW_ITERS))
     assert np.array_equal(dirty.read(), dirty_data)
@@ -377,12 +380,13 @@ def test_a_nested_shrink_keeps_the_outer_non_blocking_mode(mgr: gpubo.Manager, b
 
     mgr.register_shrinker(Nested(), first=True)
     busy = mgr.alloc(SLOW_N * 4)
-    ev = launch_slow(mgr, slow, busy)
+    ev, gate = launch_slow(mgr, slow, busy)
     try:
-        assert busy.busy, "the slow kernel finished before the host could act; make it slower"
+        assert busy.busy
         mgr.shrink(64 * MiB, may_block=False)
-        assert busy.state is R and not completed(ev)
+        assert busy.state is R and not gate.is_open and not completed(ev)
     finally:
+        gate.open()
         ev.wait()
 
 
@@ -619,12 +623,12 @@ def test_monitor_keeps_polling_while_a_kernel_runs(mgr: gpubo.Manager, build_ker
     clean.evict()
     clean.restore()
     zero = mgr.alloc(N)  # never written: evicting it needs no copy either
-    ev = launch_slow(mgr, slow, busy)
-    assert busy.busy, "the slow kernel finished before the host could act; make it slower"
+    ev, gate = launch_slow(mgr, slow, busy)
+    assert busy.busy
     src = Scripted([], then=Pressure(64 * MiB, "always"))
     mon = mgr.watch_pressure(src, interval=0.005)
-    wait_for(lambda: mon.rounds >= 5, timeout=10)
-    assert not completed(ev), "the monitor waited for the kernel (or the kernel is too fast)"
+    wait_for(lambda: mon.rounds >= 5 and clean.state is S and zero.state is S, timeout=30)
+    assert not gate.is_open and not completed(ev), f"the monitor blocked on the device ({gate.opened_by})"
     assert busy.state is R
     assert clean.state is S and zero.state is S
     assert mon.reclaimed_bytes >= 2 * N
@@ -641,14 +645,15 @@ def test_monitor_poll_does_not_wait_for_a_kernel_to_copy_an_idle_dirty_bo(
     slow = build_kernel(mgr, SLOW_SRC, "slow")
     busy = mgr.alloc(SLOW_N * 4)
     dirty, dirty_data = written(mgr, 4)
-    ev = launch_slow(mgr, slow, busy)
+    ev, gate = launch_slow(mgr, slow, busy)
     try:
-        assert busy.busy, "the slow kernel finished before the host could act; make it slower"
+        assert busy.busy
         mon = PressureMonitor(mgr, Scripted([], then=Pressure(64 * MiB)), interval=1.0)
         mon.poll()
-        # The poll must come back while the kernel still runs (skipping or deferring the copy).
-        assert not completed(ev)
+        # The poll must come back without queueing behind the kernel (skipping or deferring the copy).
+        assert not gate.is_open and not completed(ev), f"the poll blocked on the device ({gate.opened_by})"
     finally:
+        gate.open()
         ev.wait()
         assert np.array_equal(dirty.read(), dirty_data)
 
