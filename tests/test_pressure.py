@@ -283,13 +283,15 @@ def test_a_budget_smaller_than_one_bo(make_mgr: Callable[..., gpubo.Manager], bu
     assert (x.read(np.float32) == 1).all()
 
 
-def _spawn_stress(*args: str) -> subprocess.Popen[str]:
+def _spawn_stress(*args: str, tmpdir: Path | None = None) -> subprocess.Popen[str]:
+    env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpubo", "stress", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
     banner = proc.stdout.readline()  # printed just before the manager opens
@@ -301,6 +303,16 @@ def _kill(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+
+
+def _wait_until_evicting(proc: subprocess.Popen[str], stores: Callable[[], list[Path]], count: int) -> None:
+    """The handshake: ``count`` stores each hold 2 MiB of evicted bytes in
+    the page cache (seen by cachestat(2)), while ``proc`` still runs."""
+    deadline = time.monotonic() + 60
+    while sum(_store_pages(s) >= 2 * MiB // 4096 for s in stores()) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the stress run never evicted into its stores"
+        time.sleep(0.01)
 
 
 def _store_pages(store: Path) -> int:
@@ -354,10 +366,8 @@ def test_killing_a_multi_process_run_takes_its_children_down(tmp_path: Path, lea
         "--processes", "2", "--budget", "8MiB", "--size", "1MiB", "--seconds", "60", "--store", str(store)
     )
     try:
-        deadline = time.monotonic() + 30
-        while len(children_of(proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(2.0)  # the children open their stores and start swapping
+        # the children opened their stores and are swapping
+        _wait_until_evicting(proc, lambda: [store / f"proc{i}" for i in range(2)], 2)
         children = children_of(proc.pid)
         assert len(children) >= 2, children
     finally:
@@ -371,10 +381,13 @@ def test_killing_a_multi_process_run_takes_its_children_down(tmp_path: Path, lea
 @pytest.mark.parametrize(
     "shape", [[], ["--parallel", "2"], ["--processes", "2"]], ids=["one", "threads", "processes"]
 )
-def test_ctrl_c_stops_the_run_cleanly(shape: list[str], leak_check: None) -> None:
+def test_ctrl_c_stops_the_run_cleanly(shape: list[str], leak_check: None, tmp_path: Path) -> None:
     """SIGINT (to the parent only) ends the run between operations: swept, freed, reported, exit 130."""
-    proc = _spawn_stress("--budget", "8MiB", "--size", "1MiB", "--seconds", "60", *shape)
-    time.sleep(2.0)
+    proc = _spawn_stress("--budget", "8MiB", "--size", "1MiB", "--seconds", "60", *shape, tmpdir=tmp_path)
+    stores = 2 if "--processes" in shape else 1
+    _wait_until_evicting(
+        proc, lambda: [p.parent for p in tmp_path.glob("gpubo-stress-*/**/data.mdb")], stores
+    )
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err

@@ -280,7 +280,12 @@ class ManagerMachine(RuleBasedStateMachine):
         if src is dst or src.nbytes + dst.nbytes > BUDGET:
             return
         n = min(src.nbytes, dst.nbytes)
-        self.m.launch(self.add, (n,), None, gpubo.readonly(src) if wrap else src, dst)
+        args = (gpubo.readonly(src) if wrap else src, dst)
+        if src.group is dst.group is self.group and src.nbytes + dst.nbytes > GROUP_MAX:
+            with pytest.raises(gpubo.OutOfDeviceMemory):  # they cannot be resident together
+                self.m.launch(self.add, (n,), None, *args)
+            return  # and nothing ran
+        self.m.launch(self.add, (n,), None, *args)
         dst_model[:n] += src_model[:n]
 
     # -- durable records ----------------------------------------------------------
@@ -390,6 +395,7 @@ def test_manager_state_machine(leak_check: None, backend: str, checksums: bool, 
             stateful_step_count=STEPS,
             deadline=None,
             database=None,
+            derandomize=not HEAVY,  # CI runs the same examples every time; the long profile explores
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         ),
     )
