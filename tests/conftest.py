@@ -91,6 +91,49 @@ def cachestat(file: Path, offset: int = 0, length: int = 0) -> CacheStat:
         os.close(fd)
 
 
+# -- the stores' capacity rules, computed here from the documented format ----------
+# (never from the store's own methods, so that a wrong rule there fails a test)
+
+PAGE = 4096
+CHUNK = 1 << 20
+#: LMDB keeps a value that does not fit a page in "overflow" pages after a
+#: 16-byte page header (PAGEHDRSZ in LMDB's mdb.c on 64-bit builds).
+LMDB_PAGE_HEADER = 16
+
+
+def _pages_of(nbytes: int) -> int:
+    return -(-nbytes // PAGE) * PAGE
+
+
+def footprint_of(store: Any, nbytes: int) -> int:
+    """The most capacity an entry of ``nbytes`` takes: in LMDB one overflow
+    value per 1 MiB chunk; in the slot file whole pages."""
+    if store.backend_name == "lmdb":
+        return sum(_pages_of(min(CHUNK, nbytes - lo) + LMDB_PAGE_HEADER) for lo in range(0, nbytes, CHUNK))
+    return _pages_of(nbytes)
+
+
+def transit_of(store: Any, nbytes: int) -> int:
+    """The room LMDB keeps free to rewrite an entry (its copy-on-write needs
+    the new copy and one more chunk before the old one is freed); the slot
+    file writes in place and keeps none."""
+    if store.backend_name == "lmdb":
+        return footprint_of(store, nbytes) + footprint_of(store, min(nbytes, CHUNK))
+    return 0
+
+
+def stored_units_of(store: Any, entries: list[Any]) -> int:
+    """What ``chunk_count()`` must say with exactly ``entries`` live: LMDB
+    counts chunks holding a non-zero page, the slot file stored pages."""
+    units = 0
+    for e in entries:
+        zero = e.zero_pages()
+        npages = -(-e.nbytes // PAGE)
+        stored = [p for p in range(npages) if zero is None or not zero[p]]
+        units += len({p * PAGE // CHUNK for p in stored}) if store.backend_name == "lmdb" else len(stored)
+    return units
+
+
 def slow_expected(n: int, iters: int) -> np.ndarray:
     """What SLOW_SRC writes for work items 0..n-1 (LCG jump-ahead, exact)."""
     a, c = 1, 0  # the identity map x -> a*x + c

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check_budget, pattern
+from conftest import check_budget, footprint_of, pattern
 
 import gpubo
 from gpubo import BATCH_MAX_BO_BYTES
@@ -172,7 +172,7 @@ def test_batch_store_full_changes_nothing(make_mgr: MakeMgr, tmp_path: Path) -> 
 def write_some(store: SwapStore, room: int) -> Entry:
     """An entry taking at most ``room`` bytes of the store's capacity."""
     n = room
-    while store.footprint(n) > room:
+    while footprint_of(store, n) > room:
         n -= PAGE_BYTES
     return store.write(memoryview(np.ones(n, np.uint8)))
 
@@ -193,7 +193,7 @@ def test_write_batch_all_or_nothing(leak_check: None, tmp_path: Path, backend: s
             store.read_into(entry, memoryview(out), "t")
             assert np.array_equal(out, src[i * PAGE_BYTES : (i + 1) * PAGE_BYTES])
         # Fill the store until the batch's 64 entries no longer fit, then try it.
-        need = sum(store.footprint(n) for _, n in layout)
+        need = sum(footprint_of(store, n) for _, n in layout)
         fillers = []
         while store.capacity_bytes - store.used_bytes >= need:
             fillers.append(write_some(store, min(need // 2, store.capacity_bytes - store.used_bytes)))

@@ -240,20 +240,23 @@ def test_the_monitor_acts_on_a_linux_reading(mgr: gpubo.Manager, host: FakeHost)
 
 
 @pytest.mark.parametrize(
-    "kw",
+    ("kw", "error"),
     [
-        {"min_available": -1},
-        {"min_available": "lots"},
-        {"psi_some_avg10": "x"},
-        {"psi_reclaim_bytes": -5},
-        {"cgroup_fraction": -1.0},
+        ({"min_available": -1}, ValueError),
+        ({"min_available": "lots"}, ValueError),
+        ({"psi_some_avg10": "x"}, TypeError),
+        ({"psi_reclaim_bytes": -5}, ValueError),
+        ({"cgroup_fraction": -1.0}, ValueError),
     ],
 )
-def test_linux_pressure_refuses_bad_arguments_at_once(host: FakeHost, kw: dict[str, object]) -> None:
+def test_linux_pressure_refuses_bad_arguments_at_once(
+    host: FakeHost, kw: dict[str, object], error: type[Exception]
+) -> None:
     host.meminfo()
     host.psi(0.0)
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(error) as info:
         host.source(**kw)
+    assert type(info.value) is error, info.value
 
 
 def test_a_float_min_available_still_gives_int_readings(host: FakeHost) -> None:

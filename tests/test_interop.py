@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyopencl as cl
@@ -276,7 +278,7 @@ def test_launch_with_an_array_after_its_block_is_refused(
     bo.evict()  # its buffer goes to the pool...
     other = mgr.alloc(4096)  # ...and is reused, zero-filled, for another BO
     try:
-        with pytest.raises((ValueError, gpubo.GpuboError)):
+        with pytest.raises(ValueError, match="used after its with block"):
             mgr.launch(inc, (4096,), None, stale).wait()
     finally:
         assert (other.read() == 0).all(), "a stale array wrote into another BO"
@@ -709,18 +711,56 @@ def test_prefetch_of_a_freed_bo_holds_buffer_freed(
         f.result()
 
 
+class HoldPrefetch:
+    """Observes ``m``'s backend (every call goes through): the prefetch
+    thread's first backend call waits until the test sets ``release``, and
+    ``entered`` says it got there. So the test knows which prefetches are
+    still queued, on any device."""
+
+    def __init__(self, m: gpubo.Manager) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        real = m.backend
+        hold = self
+
+        class Observed:
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(real, name)
+                if not callable(attr):
+                    return attr
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    prefetching = threading.current_thread().name.startswith("gpubo-prefetch")
+                    if prefetching and not hold.entered.is_set():
+                        hold.entered.set()
+                        assert hold.release.wait(60), "the test never released the prefetch"
+                    return attr(*args, **kwargs)
+
+                return call
+
+            def __setattr__(self, name: str, value: Any) -> None:
+                setattr(real, name, value)
+
+        m.backend = Observed()  # type: ignore[assignment]
+
+
 def test_prefetch_freed_while_queued(mgr: gpubo.Manager) -> None:
-    """A BO freed after its prefetch was queued: the future holds BufferFreed
-    or completed first; never a crash or a leak."""
+    """A BO freed while its prefetch is queued behind a running one: its
+    future holds BufferFreed; the others complete; nothing leaks."""
     bos = [filled(mgr, MiB, seed=60 + i)[0] for i in range(4)]
     for bo in bos:
         bo.evict()
+    hold = HoldPrefetch(mgr)
     futures = mgr.prefetch(bos)
-    bos[-1].free()
+    assert hold.entered.wait(30), "the first prefetch never started"
+    freeing = threading.Thread(target=bos[-1].free)
+    freeing.start()
+    freeing.join(30)
+    assert not freeing.is_alive(), "free waited for a prefetch of another BO"
+    hold.release.set()
     for f in futures[:-1]:
         f.result(timeout=30)
-    err = futures[-1].exception(timeout=30)
-    assert err is None or isinstance(err, gpubo.BufferFreed)
+    assert isinstance(futures[-1].exception(timeout=30), gpubo.BufferFreed)
     check_budget(mgr)
 
 
@@ -754,13 +794,21 @@ def test_close_with_prefetches_in_flight(make_mgr: MakeMgr) -> None:
         bo.write(pattern(MiB, seed=70 + i))
     for bo in bos:
         bo.evict()
+    hold = HoldPrefetch(m)
     futures = m.prefetch(bos)
-    m.close()
-    assert all(f.done() for f in futures)
-    for f in futures:
-        if not f.cancelled():
-            err = f.exception()
-            assert err is None or isinstance(err, gpubo.ManagerClosed), err
+    assert hold.entered.wait(30), "the first prefetch never started"
+    closing = threading.Thread(target=m.close)
+    closing.start()
+    deadline = time.monotonic() + 30
+    while not all(f.done() for f in futures[1:]):  # close cancels the queued ones first...
+        assert time.monotonic() < deadline, "close did not cancel the queued prefetches"
+        time.sleep(0.005)
+    assert not futures[0].done()  # ...while the running one is held
+    hold.release.set()
+    closing.join(30)
+    assert not closing.is_alive(), "close hung"
+    assert futures[0].result() is None  # it ran to the end
+    assert all(f.cancelled() for f in futures[1:])
     assert not [t for t in threading.enumerate() if t.name.startswith("gpubo-prefetch")]
 
 

@@ -108,6 +108,29 @@ def test_same_bo_twice_in_args(mgr: gpubo.Manager, build_kernel: Builder) -> Non
     assert (bo.read(np.float32) == 8).all()
 
 
+def test_a_launch_dirties_a_clean_bo_so_its_eviction_writes_it_back(
+    mgr: gpubo.Manager, build_kernel: Builder
+) -> None:
+    """A restored BO keeps its store copy (evicting it again copies nothing);
+    a kernel that may write it makes that copy stale: the next eviction must
+    write the kernel's output back, not drop the buffer."""
+    inc = build_kernel(mgr, INC_SRC, "inc")
+    n = 64 * 1024
+    bo = mgr.alloc(n)
+    data = pattern(n, 7)
+    bo.write(data)
+    bo.evict()
+    bo.restore()  # resident, with a clean copy in the store
+    before = mgr.stats().bytes_evicted
+    bo.evict()
+    assert mgr.stats().bytes_evicted == before, "a clean BO's eviction must copy nothing"
+    bo.restore()
+    mgr.launch(inc, (n,), None, bo).wait()
+    bo.evict()
+    assert mgr.stats().bytes_evicted == before + n, "the launch's output was not written back"
+    assert np.array_equal(bo.read(), data + 1)
+
+
 def _launch_slow(m: gpubo.Manager, kernel: cl.Kernel, bo: gpubo.BufferObject) -> tuple[cl.Event, Gate]:
     """A launch that cannot start before its gate opens (see conftest.Gate)."""
     return gated_launch(m, kernel, (SLOW_N,), bo, np.uint32(SLOW_ITERS))

@@ -123,8 +123,8 @@ def _config(**kw: object) -> StressConfig:
         "total_bytes": 12 * MiB * SCALE,
         "min_nbytes": MiB,
         "max_nbytes": MiB,
-        "seconds": 1.0 * SCALE,
-        "loops": None,
+        "seconds": 120.0 * SCALE,  # a ceiling only: runs end after their loops
+        "loops": 200 * SCALE,  # per worker: fixed, so the work does not depend on the device's speed
         "seed": 5,
         "store_size_bytes": 64 * MiB * SCALE,
     }

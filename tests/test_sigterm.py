@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cachestat
 
 import gpubo
+
+MiB = 1 << 20
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,12 +104,13 @@ def test_sigterm_stops_gpubo_stress_cleanly(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 60
-        stores: list[Path] = []
-        while time.monotonic() < deadline and not stores:  # wait until its store exists
+        while True:  # the handshake: the run has evicted 2 MiB into its store (cachestat(2) sees the pages)
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the stress run never evicted into its store"
             stores = list(tmpdir.glob("gpubo-stress-*/**/data.mdb"))
-            time.sleep(0.05)
-        assert stores, "the stress run did not create its store"
-        time.sleep(0.5)  # into the timed phase
+            if stores and cachestat(stores[0]).cached >= 2 * MiB // 4096:
+                break
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import INC_SRC, check_budget, pattern
+from conftest import INC_SRC, check_budget, footprint_of, pattern, transit_of
 
 import gpubo
 from gpubo.store import CHUNK_BYTES
@@ -30,7 +30,7 @@ def _fill_until_store_full(m: gpubo.Manager, nbytes: int) -> list[tuple[gpubo.Bu
         except gpubo.StoreFull as e:
             assert isinstance(e, gpubo.StoreError) and isinstance(e, gpubo.GpuboError)
             assert e.nbytes == nbytes
-            assert e.free_bytes < m.store.footprint(nbytes)
+            assert e.free_bytes < footprint_of(m.store, nbytes)
             break
         data = pattern(nbytes, 1000 + i)
         bo.write(data)
@@ -120,8 +120,8 @@ def test_failed_alloc_does_not_leak_store_space(make_mgr: Callable[..., gpubo.Ma
                 m.alloc(n)
     admitted = len(_fill_until_store_full(m, n)) + len(pinned)
     # as many as the capacity allows (less the room kept for transit), not 50 fewer
-    room = m.stats().store_capacity_bytes - m.store.transit_bytes(n)
-    assert admitted == room // m.store.footprint(n)
+    room = m.stats().store_capacity_bytes - transit_of(m.store, n)
+    assert admitted == room // footprint_of(m.store, n)
 
 
 def test_store_full_mixed_sizes(make_mgr: Callable[..., gpubo.Manager]) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-from conftest import AXPY_SRC, INC_SRC
+from conftest import AXPY_SRC, INC_SRC, footprint_of, stored_units_of
 
 import gpubo
 from gpubo.store import (
@@ -38,7 +38,7 @@ from gpubo.store import (
     open_existing,
     open_store,
 )
-from gpubo.store.base import FORMAT_VERSION, Entry, plan_chunks
+from gpubo.store.base import FORMAT_VERSION, Entry
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -70,13 +70,6 @@ def read(store: SwapStore, entry: Entry, garbage: int = 0xA5) -> np.ndarray:
     out = np.full(entry.nbytes, garbage, np.uint8)
     store.read_into(entry, memoryview(out), "test")
     return out
-
-
-def stored_units(store: SwapStore, entries: list[Entry]) -> int:
-    """What ``chunk_count()`` must say when exactly ``entries`` are live."""
-    if isinstance(store, LmdbStore):
-        return sum(1 for e in entries for p in plan_chunks(e.nbytes, e.zero_pages()) if p.stored_bytes)
-    return sum(e.footprint // PAGE_BYTES for e in entries)
 
 
 @pytest.fixture
@@ -113,12 +106,12 @@ def test_roundtrip_sizes(
         used = s.used_bytes
         e = write(s, data)
         assert e.nbytes == n and e.stored_bytes == n and e.zeromap is None
-        assert e.footprint == s.footprint(n)
+        assert e.footprint == footprint_of(s, n) == s.footprint(n)
         assert s.used_bytes == used + e.footprint
         assert e.checksums is not None and len(e.checksums) == -(-n // CHUNK_BYTES)
         assert all(c is not None for c in e.checksums)
         live.append((e, data))
-    assert s.chunk_count() == stored_units(s, [e for e, _ in live])
+    assert s.chunk_count() == stored_units_of(s, [e for e, _ in live])
     for e, data in live:  # every entry still reads back after the later writes
         assert np.array_equal(read(s, e), data)
     for e, _ in live:
@@ -149,11 +142,11 @@ def test_zero_pages_inside_chunks_are_not_stored(
     assert flags is not None and set(np.flatnonzero(flags).tolist()) == zero_pages
     assert e.checksums is not None and e.checksums[2] is None  # nothing stored for chunk 2
     assert all(e.checksums[i] is not None for i in (0, 1, 3))
-    assert e.footprint < s.footprint(n) and s.used_bytes == e.footprint
+    assert e.footprint < footprint_of(s, n) and s.used_bytes == e.footprint
     if backend == "slotfile":
         assert e.footprint == -(-e.stored_bytes // PAGE_BYTES) * PAGE_BYTES
         assert sum(c for _, c in e.extents) * PAGE_BYTES == e.footprint
-    assert s.chunk_count() == stored_units(s, [e])
+    assert s.chunk_count() == stored_units_of(s, [e])
     assert np.array_equal(read(s, e), data)
     s.release(e)
     assert s.used_bytes == 0 and s.chunk_count() == 0
@@ -194,7 +187,7 @@ def test_refcounts_give_space_back_only_at_the_last_release(
         assert np.array_equal(read(s, a), a_data)
     s.release(a)
     assert s.used_bytes == b.footprint
-    assert s.chunk_count() == stored_units(s, [b])
+    assert s.chunk_count() == stored_units_of(s, [b])
     assert np.array_equal(read(s, b), b_data)
     # The space is reusable: many entries, released in a random order, leave nothing.
     rng = np.random.default_rng(3)
@@ -218,7 +211,7 @@ def test_store_full_changes_nothing(
     assert 2 <= len(live) < 100
     e = info.value
     assert isinstance(e, gpubo.StoreError) and e.nbytes == n
-    assert e.free_bytes < s.footprint(n)
+    assert e.free_bytes < footprint_of(s, n)
     used, units = s.used_bytes, s.chunk_count()
     assert used == sum(x.footprint for x, _ in live) <= s.capacity_bytes
     for _ in range(3):  # refused again and again, nothing moves
@@ -280,7 +273,7 @@ def test_fragmented_store_roundtrips(
         if step % 10 == 9:
             for x, d in live:
                 assert np.array_equal(read(s, x), d)
-            assert s.chunk_count() == stored_units(s, [x for x, _ in live])
+            assert s.chunk_count() == stored_units_of(s, [x for x, _ in live])
             assert s.used_bytes == sum(x.footprint for x, _ in live)
     if backend == "slotfile":
         assert most_extents >= 3, "the test did not fragment the slot file"
@@ -373,7 +366,7 @@ def test_named_records(
     s.commit_name("a", e2)
     s.release(e2)
     assert s.used_bytes == e2.footprint and s.record_bytes == e2.footprint
-    assert s.chunk_count() == stored_units(s, [e2])
+    assert s.chunk_count() == stored_units_of(s, [e2])
     got = s.lookup("a")
     assert got is not None and got.key == e2.key and np.array_equal(read(s, got), d2)
     s.release(got)
@@ -434,7 +427,7 @@ def test_reopen_keeps_records_and_reclaims_anonymous_entries(
         assert np.array_equal(read(r, e), data), name
     live = [e for e in entries.values() if e is not None]
     assert r.used_bytes == r.record_bytes == sum(e.footprint for e in live)
-    assert r.chunk_count() == stored_units(r, live), "stored data of anonymous entries survived"
+    assert r.chunk_count() == stored_units_of(r, live), "stored data of anonymous entries survived"
     # New entries never land on a record's bytes (keys, slots).
     fresh = [write(r, data_of(150_000 + i * 70_000, 300 + i)) for i in range(6)]
     for name, data in records.items():
@@ -474,7 +467,7 @@ def test_reopen_reclaims_the_newest_entry_when_it_is_anonymous(
     e = r.lookup("kept")
     assert e is not None and np.array_equal(read(r, e), kept)
     r.release(e)
-    assert r.used_bytes == r.record_bytes and r.chunk_count() == stored_units(r, [e])
+    assert r.used_bytes == r.record_bytes and r.chunk_count() == stored_units_of(r, [e])
     assert r.fsck().ok
 
 
@@ -766,7 +759,7 @@ def test_swap_cache_copies_only_dirty_content(
     bo.evict()
     s1 = m.stats()
     assert s1.evictions == s0.evictions + 1 and s1.bytes_evicted == s0.bytes_evicted + n
-    assert s1.store_used_bytes == s0.store_used_bytes + m.store.footprint(n)
+    assert s1.store_used_bytes == s0.store_used_bytes + footprint_of(m.store, n)
 
     def clean_reevict() -> None:
         before = m.stats()
@@ -785,7 +778,7 @@ def test_swap_cache_copies_only_dirty_content(
         after = m.stats()
         assert after.evictions == before.evictions + 1
         assert after.bytes_evicted == before.bytes_evicted + n
-        assert after.store_used_bytes == base_used + m.store.footprint(n)
+        assert after.store_used_bytes == base_used + footprint_of(m.store, n)
         assert np.array_equal(bo.read(), expect)
 
     assert np.array_equal(bo.read(), data)  # restore
@@ -880,7 +873,7 @@ def test_named_buffer_survives_close_and_reopen(
     assert m2.store.backend_name == backend
     assert m2.names() == ["weights"]
     s = m2.stats()
-    assert s.bo_count == 0 and s.store_used_bytes == m2.store.record_bytes == m2.store.footprint(n)
+    assert s.bo_count == 0 and s.store_used_bytes == m2.store.record_bytes == footprint_of(m2.store, n)
     w = m2.open("weights")
     assert w.state is S and w.nbytes == n and w.name == "weights"
     assert m2.stats().swapped_bytes == n
@@ -892,7 +885,7 @@ def test_named_buffer_survives_close_and_reopen(
     w.write(data[100:200], offset=100)
     w.sync()
     assert w.state is R
-    assert m2.stats().store_used_bytes == m2.store.record_bytes == m2.store.footprint(n)
+    assert m2.stats().store_used_bytes == m2.store.record_bytes == footprint_of(m2.store, n)
     w.write(b"\x09\x09", offset=0)  # not synced: must not show up after reopen
     m2.close()
 
@@ -900,7 +893,7 @@ def test_named_buffer_survives_close_and_reopen(
     w3 = m3.open("weights")
     assert np.array_equal(w3.read(), data)
     w3.sync()  # unchanged: the same record, no new copy
-    assert m3.stats().store_used_bytes == m3.store.footprint(n)
+    assert m3.stats().store_used_bytes == footprint_of(m3.store, n)
     before = m3.stats().bytes_evicted
     w3.evict()
     assert m3.stats().bytes_evicted == before
@@ -979,7 +972,7 @@ def test_remove_and_missing_names(
     m.close()
     m2 = make_mgr(store=path, store_backend=backend, durability=durability)
     assert m2.names() == ["keep"]
-    assert m2.stats().store_used_bytes == m2.store.footprint(1000)
+    assert m2.stats().store_used_bytes == footprint_of(m2.store, 1000)
     with pytest.raises(gpubo.NameNotFound):
         m2.open("x")
 
@@ -1057,7 +1050,7 @@ def test_anonymous_bos_of_a_dead_process_are_reclaimed(
     record = m.store.lookup("named")
     assert record is not None
     m.store.release(record)
-    assert m.store.chunk_count() == stored_units(m.store, [record])
+    assert m.store.chunk_count() == stored_units_of(m.store, [record])
     bo = m.open("named")
     assert (bo.read() == 2).all()
     bo.free()
