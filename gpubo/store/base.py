@@ -31,29 +31,38 @@ raising IntegrityError; and nothing is reclaimed from such a store.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import enum
 import errno
 import fcntl
-import functools
-import json
 import logging
 import os
-import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import lmdb
 import numpy as np
 import xxhash
 
-from gpubo._errors import IntegrityError, StoreError, StoreFull
-from gpubo.store.integrity import STATE_NAME, StoreState, check_lmdb_file, read_state, write_state
+from gpubo._errors import IntegrityError, StoreError
+from gpubo.store.entry import (
+    CHUNK_BYTES,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    PAGE_BYTES,
+    ChunkPlan,
+    Durability,
+    Entry,
+    FsckReport,
+    Hasher,
+    batch_zero_flags,
+    plan_chunks,
+    scan_zero_pages,
+    steps,
+)
+from gpubo.store.integrity import STATE_NAME, StoreState, check_lmdb_file, read_state
 from gpubo.store.private import PrivateDir
+from gpubo.store.records import RecordTable
 
 __all__ = [
     "CHUNK_BYTES",
@@ -66,258 +75,18 @@ __all__ = [
     "SwapStore",
     "plan_chunks",
     "scan_zero_pages",
+    "steps",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Entries are processed (copied, hashed) in chunks of this many bytes.
-CHUNK_BYTES = 1 << 20
-#: Copies that are hashed go in steps of this size (see :func:`steps`).
-HASH_STEP_BYTES = 256 << 10
-#: The unit of zero-page detection and of slot allocation.
-PAGE_BYTES = 4096
-_PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_BYTES
-_SMALL_SCAN_BYTES = 64 * PAGE_BYTES
-#: Bump when the on-disk layout changes; a store of another version is refused.
-FORMAT_VERSION = 3
 _LOCK_NAME = "gpubo.lock"
-Extents = tuple[tuple[int, int], ...]
-_FORMAT_KEY = b"format"
-_GENERATION_KEY = b"generation"
 #: The files a failed open of a new store removes if it made them (not the
 #: lock file: removing it could split the next two openers' locks).
 _STORE_FILES = frozenset({STATE_NAME, "data.mdb", "lock.mdb", "slots.bin", "slots.bin.tmp"})
-_GENERATION = struct.Struct(">Q")
 
 
-class Durability(enum.Enum):
-    """When evicted bytes reach stable storage."""
-
-    LAZY = "lazy"  #: in the page cache; the OS writes back later
-    SYNC = "sync"  #: flushed before the entry is committed
-    DIRECT = "direct"  #: written with O_DIRECT, bypassing the page cache (slotfile only)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """An immutable run of stored bytes: one BO's content at one moment.
-
-    ``footprint`` is the store capacity it occupies; ``stored_bytes`` the
-    non-zero bytes kept; ``checksums`` one xxh3-64 per chunk (None for a
-    chunk with no stored bytes) or None when checksums are off; ``zeromap``
-    ``numpy.packbits`` of the per-page "all zeros" flags, or None when no page
-    is zero; ``extents`` the slot runs ``(first slot, count)`` (slotfile).
-    """
-
-    key: int
-    nbytes: int
-    footprint: int
-    stored_bytes: int
-    checksums: tuple[int | None, ...] | None
-    zeromap: bytes | None
-    extents: tuple[tuple[int, int], ...] = ()
-
-    def zero_pages(self) -> np.ndarray | None:
-        """The per-page zero flags, or None when no page is zero."""
-        if self.zeromap is None:
-            return None
-        npages = -(-self.nbytes // PAGE_BYTES)
-        return np.unpackbits(np.frombuffer(self.zeromap, np.uint8), count=npages).astype(np.bool_)
-
-    def to_record(self, name: str) -> bytes:
-        """Serialise for the named record ``name``: JSON, then ``#`` and the
-        xxh3-64 of the name and the JSON, so that a damaged record (or a
-        record under a damaged name) is seen as such."""
-        rec: dict[str, Any] = {
-            "key": self.key,
-            "nbytes": self.nbytes,
-            "footprint": self.footprint,
-            "stored_bytes": self.stored_bytes,
-            "checksums": None if self.checksums is None else list(self.checksums),
-            "zeromap": None if self.zeromap is None else base64.b64encode(self.zeromap).decode(),
-            "extents": [list(e) for e in self.extents],
-        }
-        body = json.dumps(rec, separators=(",", ":")).encode()
-        return body + b"#" + b"%016x" % _record_digest(name, body)
-
-    @classmethod
-    def from_record(cls, raw: bytes, name: str) -> Entry:
-        """Parse the named record ``name``.
-
-        Raises:
-            ValueError: the record is malformed or fails its checksum.
-        """
-        body, sep, digest = raw.rpartition(b"#")
-        if not sep or digest != b"%016x" % _record_digest(name, body):
-            raise ValueError("the record fails its checksum")
-        try:
-            rec = json.loads(body)
-            entry = cls(
-                key=int(rec["key"]),
-                nbytes=int(rec["nbytes"]),
-                footprint=int(rec["footprint"]),
-                stored_bytes=int(rec["stored_bytes"]),
-                checksums=None if rec["checksums"] is None else tuple(rec["checksums"]),
-                zeromap=None if rec["zeromap"] is None else base64.b64decode(rec["zeromap"]),
-                extents=tuple((int(a), int(b)) for a, b in rec["extents"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed entry record: {e}") from e
-        if entry.nbytes <= 0 or entry.key <= 0 or not 0 <= entry.stored_bytes <= entry.nbytes:
-            raise ValueError(f"malformed entry record: sizes {entry.nbytes}/{entry.stored_bytes}")
-        return entry
-
-
-def _record_digest(name: str, body: bytes) -> int:
-    return int(xxhash.xxh3_64_intdigest(name.encode() + b"\0" + body))
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """One chunk of an entry: where its non-zero bytes are in the BO
-    (``pieces``, byte ranges), where its zero pages are (``zeros``), and
-    where its stored bytes start in the entry's stored stream."""
-
-    index: int
-    pieces: tuple[tuple[int, int], ...]
-    zeros: tuple[tuple[int, int], ...]
-    stream_offset: int
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(end - start for start, end in self.pieces)
-
-
-def scan_zero_pages(view: memoryview, nbytes: int) -> np.ndarray | None:
-    """Per-page "all zeros" flags of ``view``, or None when no page is zero.
-
-    Cheap for ordinary data: only pages whose first 8 bytes are zero are read
-    in full; the others cost one cache line each.
-    """
-    if nbytes % PAGE_BYTES == 0 and _no_zero_page_possible(view, nbytes):
-        return None
-    data = np.frombuffer(view, np.uint8, count=nbytes)
-    full = nbytes // PAGE_BYTES
-    npages = -(-nbytes // PAGE_BYTES)
-    zero = np.zeros(npages, np.bool_)
-    if full:
-        words = data[: full * PAGE_BYTES].view(np.uint64).reshape(full, PAGE_BYTES // 8)
-        candidates = np.flatnonzero(words[:, 0] == 0)
-        for lo in range(0, len(candidates), _PAGES_PER_CHUNK):  # bounded temporaries
-            idx = candidates[lo : lo + _PAGES_PER_CHUNK]
-            zero[idx] = ~words[idx].any(axis=1)
-    if npages > full:
-        zero[-1] = not data[full * PAGE_BYTES :].any()
-    return zero if zero.any() else None
-
-
-def _no_zero_page_possible(view: memoryview, nbytes: int) -> bool:
-    """Every page of the first ``nbytes`` (whole pages) of ``view`` starts with
-    a non-zero 8-byte word, so none is all zeros: the common case, one look
-    per page (a few pages without numpy's per-call overhead)."""
-    if nbytes <= _SMALL_SCAN_BYTES:
-        return all(view.cast("B")[:nbytes].cast("Q")[:: PAGE_BYTES // 8])
-    return bool(np.frombuffer(view, np.uint64, count=nbytes // 8)[:: PAGE_BYTES // 8].all())
-
-
-def plan_chunks(nbytes: int, zero: np.ndarray | None) -> list[ChunkPlan]:
-    """Cut ``nbytes`` into chunk plans, skipping zero pages."""
-    if zero is None:
-        return list(_plain_plans(nbytes))
-    return _plan_chunks(nbytes, zero)
-
-
-@functools.lru_cache(maxsize=512)
-def _plain_plans(nbytes: int) -> tuple[ChunkPlan, ...]:
-    """The plans of an entry without zero pages (frozen, so shared: BO sizes repeat)."""
-    return tuple(_plan_chunks(nbytes, None))
-
-
-def _plan_chunks(nbytes: int, zero: np.ndarray | None) -> list[ChunkPlan]:
-    plans = []
-    stream = 0
-    for index, start in enumerate(range(0, nbytes, CHUNK_BYTES)):
-        end = min(start + CHUNK_BYTES, nbytes)
-        if zero is None:
-            pieces: tuple[tuple[int, int], ...] = ((start, end),)
-            zeros: tuple[tuple[int, int], ...] = ()
-        else:
-            first = start // PAGE_BYTES
-            flags = zero[first : first + _PAGES_PER_CHUNK]
-            pieces = tuple(_ranges(~flags, first, nbytes))
-            zeros = tuple(_ranges(flags, first, nbytes))
-        plan = ChunkPlan(index, pieces, zeros, stream)
-        stream += plan.stored_bytes
-        plans.append(plan)
-    return plans
-
-
-def _ranges(flags: np.ndarray, first_page: int, nbytes: int) -> Iterator[tuple[int, int]]:
-    """Byte ranges of the runs of True in ``flags`` (pages from ``first_page``)."""
-    if not flags.any():
-        return
-    padded = np.concatenate(([False], flags, [False]))
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    for lo, hi in zip(edges[::2], edges[1::2], strict=True):
-        yield (first_page + int(lo)) * PAGE_BYTES, min((first_page + int(hi)) * PAGE_BYTES, nbytes)
-
-
-def _batch_zero_flags(src: memoryview, layout: Sequence[tuple[int, int]]) -> list[np.ndarray | None]:
-    """:func:`scan_zero_pages` of every entry of a batch, with one vectorised
-    look at the first word of each page of ``src`` for the common case of no
-    candidate zero page at all."""
-    aligned = src.nbytes % PAGE_BYTES == 0 and all(off % PAGE_BYTES == 0 for off, _ in layout)
-    if aligned and _no_zero_page_possible(src, src.nbytes):
-        return [None] * len(layout)
-    return [scan_zero_pages(src[off : off + n], n) for off, n in layout]
-
-
-class _Hasher:
-    """xxh3-64 of one chunk's stored stream, fed piece by piece as it is
-    copied (see :func:`steps`); does nothing when ``enabled`` is false."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self._h = xxhash.xxh3_64() if enabled else None
-
-    def add(self, piece: memoryview) -> None:
-        if self._h is not None:
-            self._h.update(piece)
-
-    def digest(self) -> int | None:
-        return int(self._h.intdigest()) if self._h is not None else None
-
-
-def steps(length: int, hashed: bool) -> Iterator[tuple[int, int]]:
-    """``(offset, length)`` steps of a copy of ``length`` bytes: one step when
-    nothing is hashed, else :data:`HASH_STEP_BYTES` each, so that each step is
-    hashed right after it is copied, while it is still in the CPU's cache (a
-    whole chunk is not: hashing it after its copy reads memory again)."""
-    if not hashed:
-        yield 0, length
-        return
-    for done in range(0, length, HASH_STEP_BYTES):
-        yield done, min(HASH_STEP_BYTES, length - done)
-
-
-@dataclass
-class FsckReport:
-    """What :meth:`SwapStore.fsck` found; ``ok`` when ``problems`` is empty."""
-
-    path: str
-    backend: str
-    entries: int = 0
-    names: list[str] = field(default_factory=list)
-    stored_bytes: int = 0
-    used_bytes: int = 0
-    capacity_bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-class SwapStore(ABC):
+class SwapStore(RecordTable, ABC):
     """A swap-slot store; subclasses place the stored bytes.
 
     Args:
@@ -460,7 +229,7 @@ class SwapStore(ABC):
         """The largest entry key with bytes in the store (0: none known)."""
         return 0
 
-    def _check_durability(self) -> None:  # noqa: B027 - optional hook
+    def _check_durability(self) -> None:
         """Raise ValueError if this backend cannot honour ``self.durability``."""
 
     @abstractmethod
@@ -530,9 +299,9 @@ class SwapStore(ABC):
         env = self._require_env()
         want = f"gpubo-store {FORMAT_VERSION} {self.backend_name}".encode()
         with env.begin(write=True, db=self._meta_db) as txn:
-            have = txn.get(_FORMAT_KEY)
+            have = txn.get(FORMAT_KEY)
             if have is None:
-                txn.put(_FORMAT_KEY, want)
+                txn.put(FORMAT_KEY, want)
                 return
         if have == want:
             return
@@ -544,96 +313,6 @@ class SwapStore(ABC):
         version = parts[1] if len(parts) > 1 else "unknown"
         raise StoreError(
             f"store {self.path!r} has format version {version}; this gpubo reads version {FORMAT_VERSION}"
-        )
-
-    def _load_names(self, state: StoreState | None) -> None:
-        """Read every record; check the generation against the state file;
-        reclaim what a dead process left only in a store proven whole."""
-        env = self._require_env()
-        keep: dict[int, Entry] = {}
-        with env.begin() as txn:
-            raw_gen = txn.get(_GENERATION_KEY, db=self._meta_db)
-            self._generation = _GENERATION.unpack(raw_gen)[0] if raw_gen is not None else 0
-            for raw_name, raw in txn.cursor(db=self._names_db):
-                try:
-                    name = bytes(raw_name).decode()
-                except UnicodeDecodeError:
-                    name = bytes(raw_name).decode(errors="replace")
-                    self._damaged[name] = "its name is not UTF-8"
-                    continue
-                try:
-                    entry = Entry.from_record(bytes(raw), name)
-                except ValueError as e:
-                    self._damaged[name] = str(e)
-                    continue
-                self._names[name] = entry
-                keep[entry.key] = entry
-        for name, entry in sorted(self._names.items()):
-            if entry.key in self._entries:
-                continue  # several records of one entry: claimed once
-            why = self._admit_record(name, entry)
-            if why is not None:
-                self._damaged[name] = why
-                continue
-            self._entries[entry.key] = entry
-            self._used_bytes += entry.footprint
-        for name in self._damaged:
-            self._names.pop(name, None)
-        for entry in self._entries.values():
-            self._refs[entry.key] = sum(1 for e in self._names.values() if e.key == entry.key)
-        self._next_key = max([self._max_stored_key(), *self._entries]) + 1
-        self._data_bytes = (
-            state.data_bytes
-            if state is not None
-            else os.path.getsize(os.path.join(self.path, self._data_file()))
-        )
-        self._check_generation(state)
-        if self._damaged:
-            for name, why in sorted(self._damaged.items()):
-                log.warning("store %s: record %r is damaged: %s", self.path, name, why)
-            self._read_only = f"{len(self._damaged)} record(s) are damaged (run gpubo fsck)"
-        if self._read_only is None and self._reclaim_at_open:
-            reclaimed = self._reclaim(keep)
-            if reclaimed:
-                log.info("store %s: reclaimed %d bytes of anonymous entries", self.path, reclaimed)
-
-    def _check_generation(self, state: StoreState | None) -> None:
-        """The records' generation in LMDB against the state file's copy.
-
-        Raises:
-            StoreError: LMDB lost committed records (or the state file is
-                gone while records exist), when opened to be used; opened
-                for fsck (``reclaim=False``), the store is read-only and
-                :attr:`problems` says why.
-        """
-        records = len(self._names) + len(self._damaged)
-        lost = None
-        if state is None:
-            if self._generation or records:
-                lost = f"its state file is missing while LMDB holds generation {self._generation}"
-        elif self._generation < state.generation or self._generation > state.generation + 1:
-            lost = (
-                f"LMDB holds records of generation {self._generation} but {state.generation} were "
-                f"committed ({state.records} record(s)): LMDB rolled back or was replaced"
-            )
-        elif self._generation == state.generation and records != state.records:
-            lost = f"LMDB holds {records} record(s) but {state.records} were committed"
-        if lost is not None:
-            message = f"store {self.path!r} cannot prove it is whole: {lost}; nothing was reclaimed"
-            if self._reclaim_at_open:
-                raise StoreError(message + " (run gpubo fsck)")
-            self.problems.append(message)
-            self._read_only = lost
-            return
-        if self._reclaim_at_open and (state is None or self._generation != state.generation):
-            self._write_state()  # a new store, or a crash right after a commit (fsck writes nothing)
-
-    def _write_state(self) -> None:
-        write_state(
-            self.path,
-            StoreState(
-                FORMAT_VERSION, self.backend_name, self._data_bytes, self._generation, len(self._names)
-            ),
         )
 
     def _close_failed_open(self, before: set[str]) -> None:
@@ -696,7 +375,7 @@ class SwapStore(ABC):
         for off, n in layout:
             if n <= 0 or off < 0 or off + n > src.nbytes:
                 raise ValueError(f"batch entry ({off}, {n}) is outside the {src.nbytes}-byte source")
-        flags = _batch_zero_flags(src, layout)
+        flags = batch_zero_flags(src, layout)
         fast = (
             self.durability is not Durability.DIRECT
             and all(f is None for f in flags)
@@ -855,7 +534,7 @@ class SwapStore(ABC):
             for i, view in zip(lendable, lent, strict=True):
                 entry = entries[i]
                 if view is not None and entry.checksums is not None:
-                    hasher = _Hasher()
+                    hasher = Hasher()
                     hasher.add(view)
                     self._verify(entry, plan_chunks(entry.nbytes, None)[0], hasher, labels[i])
                 views[i] = view
@@ -877,7 +556,7 @@ class SwapStore(ABC):
         """The unverified view of one entry, or None (the backend has none)."""
         yield None
 
-    def _verify(self, entry: Entry, plan: ChunkPlan, hasher: _Hasher, label: str) -> None:
+    def _verify(self, entry: Entry, plan: ChunkPlan, hasher: Hasher, label: str) -> None:
         if entry.checksums is None:
             return
         if hasher.digest() != entry.checksums[plan.index]:
@@ -945,112 +624,6 @@ class SwapStore(ABC):
         """Backend: write back and drop the data pages; False if it cannot drop them."""
         return False
 
-    # -- named records ------------------------------------------------------
-
-    def commit_name(self, name: str, entry: Entry) -> None:
-        """Point the durable record ``name`` at ``entry`` (flushed first), atomically.
-
-        The record takes a reference; the entry it pointed at before loses one
-        after the commit (a crash in between leaves unreferenced bytes, which
-        the next open reclaims).
-
-        Raises:
-            StoreFull: no room is left for the record's metadata; the old
-                record stands.
-            StoreError: the commit failed, or the store is open for reading
-                only; the old record stands.
-        """
-        self._check_writable()
-        self.flush(entry)
-        with self._lock:
-            old = self._names.get(name)
-            if old is not None and old.key == entry.key:
-                return
-            self._commit_records(name, entry.to_record(name), "committing")
-            self._refs[entry.key] += 1
-            self._names[name] = entry
-            if old is not None:
-                self._release_locked(old)
-            self._write_state()
-
-    def _commit_records(self, name: str, record: bytes | None, what: str) -> None:
-        """Put (or delete, for None) the record ``name`` and bump the records'
-        generation, in one transaction, flushed. Holds ``_lock``."""
-        env = self._require_env()
-        try:
-            with self._write_lock, env.begin(write=True, db=self._names_db) as txn:
-                if record is None:
-                    txn.delete(name.encode())
-                else:
-                    txn.put(name.encode(), record)
-                txn.put(_GENERATION_KEY, _GENERATION.pack(self._generation + 1), db=self._meta_db)
-            self._sync_meta()
-        except lmdb.MapFullError as e:
-            raise StoreFull(f"{what} record {name!r} failed: no room left for the store's records") from e
-        except lmdb.Error as e:
-            raise StoreError(f"{what} record {name!r} failed: {e}") from e
-        self._generation += 1
-
-    def lookup(self, name: str) -> Entry | None:
-        """The entry of record ``name`` with a new reference for the caller, or None.
-
-        Raises:
-            IntegrityError: the record is damaged (see :meth:`fsck`).
-        """
-        with self._lock:
-            if name in self._damaged:
-                raise IntegrityError(
-                    f"record {name!r} in the store at {self.path} is damaged: {self._damaged[name]}",
-                    bo=repr(name),
-                )
-            entry = self._names.get(name)
-            if entry is not None:
-                self._refs[entry.key] += 1
-            return entry
-
-    def record_footprint(self, name: str) -> int:
-        """Capacity the record ``name`` holds (0 if there is none)."""
-        with self._lock:
-            entry = self._names.get(name)
-            return 0 if entry is None else entry.footprint
-
-    @property
-    def record_bytes(self) -> int:
-        """Capacity held by the entries of named records."""
-        with self._lock:
-            return sum({e.key: e.footprint for e in self._names.values()}.values())
-
-    def remove_name(self, name: str) -> bool:
-        """Delete record ``name``; False if there was none.
-
-        Raises:
-            StoreError: the commit failed, or the store is open for reading only.
-        """
-        with self._lock:
-            old = self._names.get(name)
-            if old is None:
-                return False
-            self._check_writable()
-            self._commit_records(name, None, "removing")
-            del self._names[name]
-            self._release_locked(old)
-            self._write_state()
-            return True
-
-    def damaged_records(self) -> dict[str, str]:
-        """The damaged records found at open: name -> what is wrong."""
-        return dict(self._damaged)
-
-    def names(self) -> list[str]:
-        """Names of the committed records, sorted; damaged ones too (reading
-        them raises IntegrityError)."""
-        with self._lock:
-            return sorted([*self._names, *self._damaged])
-
-    def _sync_meta(self) -> None:
-        """Records are always durable once committed."""
-        self._require_env().sync(True)
-
     # -- checking -----------------------------------------------------------
 
     def fsck(self) -> FsckReport:
@@ -1099,7 +672,7 @@ class SwapStore(ABC):
             raise StoreError("the store is closed")
         return self._env
 
-    def _close_data(self) -> None:  # noqa: B027 - optional hook
+    def _close_data(self) -> None:
         """Backend: close data files."""
 
     def close(self) -> None:

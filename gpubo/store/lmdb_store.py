@@ -35,9 +35,9 @@ from gpubo.store.base import (
     Durability,
     Entry,
     SwapStore,
-    _Hasher,
     steps,
 )
+from gpubo.store.entry import Hasher
 from gpubo.store.integrity import StoreState
 
 __all__ = ["LmdbStore"]
@@ -292,7 +292,7 @@ class LmdbStore(SwapStore):
                             offset=offset,
                         )
                     stored = np.frombuffer(value, np.uint8)
-                    hasher = _Hasher(entry.checksums is not None)
+                    hasher = Hasher(entry.checksums is not None)
                     pos = 0
                     for start, end in plan.pieces:
                         for done, step in steps(end - start, entry.checksums is not None):

@@ -40,9 +40,9 @@ from gpubo.store.base import (
     Durability,
     Entry,
     SwapStore,
-    _Hasher,
     steps,
 )
+from gpubo.store.entry import Hasher
 from gpubo.store.integrity import StoreState
 from gpubo.store.slots import SlotAllocator
 
@@ -279,7 +279,7 @@ class SlotFileStore(SwapStore):
             if not n:
                 sums.append(None)
                 continue
-            hasher = _Hasher(self.checksums)
+            hasher = Hasher(self.checksums)
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
                     self._write_direct(extents, plan, data)
@@ -385,7 +385,7 @@ class SlotFileStore(SwapStore):
             n = plan.stored_bytes
             if not n:
                 continue
-            hasher = _Hasher(entry.checksums is not None)
+            hasher = Hasher(entry.checksums is not None)
             pieces = [(s, e - s) for s, e in plan.pieces]
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
