@@ -1,6 +1,6 @@
 """``gpubo bench``: gpubo's eviction and restore side by side with the limits.
 
-One run measures, with several repetitions and medians (issue 6):
+One run measures, with several repetitions and medians:
 
 1. ``limit``: raw blocking ``enqueue_copy`` D2H / H2D into preallocated host
    arrays, and ``pwrite`` + ``fdatasync`` of the same bytes (the durable limit);
@@ -31,7 +31,7 @@ The measuring functions return plain data (JSON-ready dicts); printing lives
 in :func:`main` (``python -m gpubo.bench``) and the ``gpubo bench`` command.
 The per-size eviction/restore machinery (:class:`Baselines`,
 :class:`GpuboCase`, :func:`bench_size`) is shared with
-``benchmarks/evict_restore.py``, the detailed benchmark of issue 3.
+``benchmarks/evict_restore.py``, the detailed benchmark of the copy path.
 """
 
 from __future__ import annotations
@@ -546,7 +546,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
 QUICK_SIZES = [4 * KiB, 1 * MiB, 16 * MiB]
-#: The goals of issue 6 (ratios in one run; reported, never asserted).
+#: The goals the benchmark checks (ratios in one run; reported, never asserted).
 GOAL_EVICT = 0.90
 GOAL_EVICT_CHECKSUMS = 0.85
 GOAL_STAGED = 1.5
@@ -1537,7 +1537,7 @@ def tables(results: dict[str, Any]) -> str:
             f"the kernel done after {_f(o['kernel_s'] * 1e3, 1)} ms ({_f(o['prefetch_vs_kernel'])}x; "
             "restores use the transfer queue, not the kernels' queue)",
         ]
-    parts += ["", "Goals of issue 6 (met / MISSED; not asserted anywhere):"]
+    parts += ["", "Goals (met / MISSED; not asserted anywhere):"]
     for item in results["goals"]:
         op = ">=" if item["higher"] else "<="
         value = f"{item['value']:.4g}{item['unit']}"
@@ -1556,9 +1556,3 @@ def parse_sizes(text: str) -> list[int]:
     if not sizes or any(s <= 0 or s % 4 for s in sizes):
         raise ValueError("give positive sizes that are multiples of 4 bytes")
     return sizes
-
-
-if __name__ == "__main__":  # python -m gpubo.bench: the same as `gpubo bench`
-    from gpubo.cli import main as _cli
-
-    _cli.main(args=["bench", *sys.argv[1:]], prog_name="python -m gpubo.bench")
