@@ -1,46 +1,61 @@
-"""Buffer objects: a handle on bytes that live on the device or in the store."""
+"""Buffer objects: a handle on bytes that live on the device or in the store.
+
+A :class:`BufferObject` holds its state and the public surface; what its
+methods do is done by a :class:`BufferOps` (the protocol below, implemented
+by :class:`gpubo._ops.BufferOps`), so this module needs nothing above it.
+"""
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import pyopencl as cl
-import pyopencl.array as cl_array
 
+from gpubo._state import ALLOWED_MOVES, State
 from gpubo._units import format_bytes
+from gpubo.store.base import Entry
 
-if TYPE_CHECKING:
-    from gpubo._groups import Group
-    from gpubo._manager import Manager
-    from gpubo.store.base import Entry
-
-__all__ = ["ALLOWED_MOVES", "BufferObject", "ReadOnly", "State", "readonly"]
+__all__ = ["ALLOWED_MOVES", "BufferObject", "BufferOps", "GroupLike", "ReadOnly", "State", "readonly"]
 
 
-class State(enum.Enum):
-    """Where a buffer object's bytes are."""
+class GroupLike(Protocol):
+    """What the pieces below the manager need of a BO's group
+    (:class:`gpubo.Group`): its limits, its charge and its eviction count."""
 
-    RESIDENT = "resident"  #: in a device buffer
-    SWAPPED = "swapped"  #: in a store entry, no device buffer
-    PURGED = "purged"  #: a purgeable BO whose content was dropped; reads raise Purged
-    FREED = "freed"  #: gone; every use raises BufferFreed
+    name: str
+    charged_bytes: int
+    max_bytes: int | None
+    low_bytes: int
+    min_bytes: int
+    evictions: int
 
 
-#: The state machine: which moves are allowed from each state.
-ALLOWED_MOVES: dict[State, frozenset[State]] = {
-    State.RESIDENT: frozenset({State.SWAPPED, State.PURGED, State.FREED}),
-    State.SWAPPED: frozenset({State.RESIDENT, State.PURGED, State.FREED}),
-    State.PURGED: frozenset({State.RESIDENT, State.FREED}),  # a write revives it, zeroed
-    State.FREED: frozenset(),
-}
+class BufferOps(Protocol):
+    """The operations behind a BO's methods (each validates its arguments
+    and raises what the method's docstring says)."""
+
+    def set_purgeable(self, bo: BufferObject, value: bool) -> bool: ...
+    def busy(self, bo: BufferObject) -> bool: ...
+    def write(self, bo: BufferObject, data: Any, offset: int) -> None: ...
+    def read(
+        self, bo: BufferObject, dtype: npt.DTypeLike, count: int, offset: int, out: np.ndarray | None
+    ) -> np.ndarray: ...
+    def pin(self, bo: BufferObject) -> Any: ...
+    def array(
+        self, bo: BufferObject, shape: int | tuple[int, ...], dtype: npt.DTypeLike, readonly: bool
+    ) -> Any: ...
+    def unpin(self, bo: BufferObject, *, handed_out: bool, wrote: bool) -> None: ...
+    def evict(self, bo: BufferObject) -> None: ...
+    def restore(self, bo: BufferObject) -> None: ...
+    def sync(self, bo: BufferObject) -> None: ...
+    def prefetch(self, bo: BufferObject) -> Future[None]: ...
+    def free(self, bo: BufferObject) -> None: ...
 
 
 class BufferObject:
@@ -48,21 +63,23 @@ class BufferObject:
 
     Created by :meth:`Manager.alloc`. Every method that touches the bytes
     (read, write, pin, restore, being passed to :meth:`Manager.launch`) makes
-    the BO resident first, and counts as a use for LRU order. All the work is
-    done by the manager; this class holds the state and the public surface.
+    the BO resident first, and counts as a use for LRU order. The work is
+    done by its :class:`BufferOps`; this class holds the state and the
+    public surface.
 
     Notes:
         Thread-safe. Fields are grouped by what protects them:
 
-        * constant after init: ``manager``, ``id``, ``nbytes``, ``name``,
-          ``priority``, ``group``, ``store_footprint``;
+        * constant after init: ``manager`` (the :class:`Manager` it belongs
+          to), ``ops``, ``id``, ``nbytes``, ``name``, ``priority``,
+          ``group``, ``store_footprint``;
         * ``lock`` (the BO lock, held while the BO's bytes move or are read or
           written): ``buf``, ``entry`` (the swapped content, or for a resident
           BO a clean copy kept in the store: the swap cache), ``known_zero``
           (untouched since allocation, so all zeros);
-        * the manager's lock: ``pin_count``, ``events``, ``is_purgeable``;
-          ``state`` is written with both locks held, so either one is enough
-          to read it.
+        * the resource lock (:class:`gpubo._resource.Resource`):
+          ``pin_count``, ``events``, ``is_purgeable``; ``state`` is written
+          with both locks held, so either one is enough to read it.
     """
 
     __slots__ = (
@@ -78,6 +95,7 @@ class BufferObject:
         "manager",
         "name",
         "nbytes",
+        "ops",
         "pin_count",
         "priority",
         "state",
@@ -86,29 +104,31 @@ class BufferObject:
 
     def __init__(
         self,
-        manager: Manager,
+        manager: Any,
+        ops: BufferOps,
         bo_id: int,
         nbytes: int,
         name: str | None,
         priority: int,
         store_footprint: int,
-        buf: cl.Buffer | None,
+        buf: Any,
         entry: Entry | None = None,
-        group: Group | None = None,
+        group: GroupLike | None = None,
     ) -> None:
         self.manager = manager
+        self.ops = ops
         self.id = bo_id
         self.nbytes = nbytes
         self.name = name
         self.priority = priority
         self.store_footprint = store_footprint
         self.lock = threading.Lock()
-        self.buf: cl.Buffer | None = buf
+        self.buf: Any = buf  # the backend's device buffer, None unless resident
         self.entry: Entry | None = entry
         self.known_zero = entry is None
         self.state = State.RESIDENT if buf is not None else State.SWAPPED
         self.pin_count = 0
-        self.events: list[cl.Event] = []
+        self.events: list[Any] = []  # the backend's events of kernels that may use it
         self.group = group
         self.is_purgeable = False
 
@@ -142,12 +162,12 @@ class BufferObject:
             TypeError: ``value`` is not a bool.
             BufferFreed: the BO was freed.
         """
-        return self.manager._bo_set_purgeable(self, value)
+        return self.ops.set_purgeable(self, value)
 
     @property
     def busy(self) -> bool:
         """True while a launched kernel that uses this BO has not completed."""
-        return self.manager._bo_busy(self)
+        return self.ops.busy(self)
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy ``data`` (a numpy array or bytes-like) into the BO at byte ``offset``.
@@ -163,7 +183,7 @@ class BufferObject:
             BufferFreed: the BO was freed.
             OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
         """
-        self.manager._bo_write(self, data, offset)
+        self.ops.write(self, data, offset)
 
     def read(
         self,
@@ -190,10 +210,10 @@ class BufferObject:
             Purged: the BO was purgeable and its content was dropped.
             OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
         """
-        return self.manager._bo_read(self, dtype, count, offset, out)
+        return self.ops.read(self, dtype, count, offset, out)
 
     @contextmanager
-    def pin(self) -> Iterator[cl.Buffer]:
+    def pin(self) -> Iterator[Any]:
         """Make the BO resident and keep it so for the ``with`` block.
 
         Yields the ``pyopencl.Buffer``; it is valid only inside the block.
@@ -205,16 +225,16 @@ class BufferObject:
             BufferFreed: the BO was freed.
             OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
         """
-        buf = self.manager._bo_pin(self, dirty=True)
+        buf = self.ops.pin(self)
         try:
             yield buf
         finally:
-            self.manager._bo_unpin(self, handed_out=True, wrote=True)
+            self.ops.unpin(self, handed_out=True, wrote=True)
 
     @contextmanager
     def array(
         self, shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.uint8, *, readonly: bool = False
-    ) -> Iterator[cl_array.Array]:
+    ) -> Iterator[Any]:
         """A ``pyopencl.array.Array`` of ``shape`` and ``dtype`` over the BO's
         buffer, pinned for the ``with`` block.
 
@@ -234,11 +254,11 @@ class BufferObject:
             BufferFreed, Purged, OutOfDeviceMemory, StoreFull, IntegrityError:
                 see :meth:`pin`.
         """
-        arr = self.manager._bo_array(self, shape, dtype, readonly)
+        arr = self.ops.array(self, shape, dtype, readonly)
         try:
             yield arr
         finally:
-            self.manager._bo_unpin(self, handed_out=True, wrote=not readonly)
+            self.ops.unpin(self, handed_out=True, wrote=not readonly)
 
     def evict(self) -> None:
         """Swap the BO out now (waiting for kernels using it). No-op if swapped.
@@ -252,7 +272,7 @@ class BufferObject:
             BufferFreed: the BO was freed.
             StoreFull: the store has no room; the BO stays resident.
         """
-        self.manager._bo_evict(self)
+        self.ops.evict(self)
 
     def restore(self) -> None:
         """Make the BO resident now. No-op if it is resident.
@@ -261,7 +281,7 @@ class BufferObject:
             BufferFreed: the BO was freed.
             OutOfDeviceMemory, StoreFull, IntegrityError: see :meth:`read`.
         """
-        self.manager._bo_restore(self)
+        self.ops.restore(self)
 
     def sync(self) -> None:
         """Make the BO's current content its name's durable record.
@@ -277,11 +297,11 @@ class BufferObject:
             StoreFull: no room for the copy or the record; the old record stands.
             StoreError: the store failed; the old record stands.
         """
-        self.manager._bo_sync(self)
+        self.ops.sync(self)
 
     def prefetch(self) -> Future[None]:
         """Start restoring the BO in the background (see :meth:`Manager.prefetch`)."""
-        return self.manager.prefetch([self])[0]
+        return self.ops.prefetch(self)
 
     def free(self) -> None:
         """Give back the BO's device memory and store space. Idempotent.
@@ -291,7 +311,7 @@ class BufferObject:
         Raises:
             BufferBusy: the BO is pinned.
         """
-        self.manager._bo_free(self)
+        self.ops.free(self)
 
     def __enter__(self) -> BufferObject:
         return self

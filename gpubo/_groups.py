@@ -16,15 +16,12 @@ Usage is the group's resident bytes plus buffers being brought in for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from gpubo._bo import BufferObject
 from gpubo._units import format_bytes, parse_bytes
 
-if TYPE_CHECKING:
-    from gpubo._bo import BufferObject
-    from gpubo._manager import Manager
-
-__all__ = ["Group", "GroupStats", "check_limits"]
+__all__ = ["Group", "GroupOps", "GroupStats", "check_limits"]
 
 _KEEP: Any = object()
 
@@ -69,30 +66,40 @@ def check_limits(max_: object, low: object, min_: object) -> tuple[int | None, i
     return max_bytes, low_bytes, min_bytes
 
 
+class GroupOps(Protocol):
+    """The operations behind a group's methods (:class:`gpubo._ops.GroupOps`)."""
+
+    def alloc(self, nbytes: int, name: str | None, priority: int, group: Group) -> BufferObject: ...
+    def set_limits(self, group: Group, max_: object, low: object, min_: object) -> None: ...
+    def stats(self, group: Group) -> GroupStats: ...
+
+
 class Group:
     """A named set of BOs sharing limits; made by :meth:`Manager.group`.
 
     Notes:
-        Thread-safe. Constant after init: ``manager``, ``name``. Every other
-        field is protected by the manager's lock.
+        Thread-safe. Constant after init: ``manager`` (the :class:`Manager`
+        it belongs to), ``ops``, ``name``. Every other field is protected by
+        the resource lock (:class:`gpubo._resource.Resource`); usage
+        (resident, swapped, BO count) is summed from the BOs by :meth:`stats`.
     """
 
-    def __init__(self, manager: Manager, name: str, max_bytes: int | None, low_bytes: int, min_bytes: int):
+    def __init__(
+        self, manager: Any, ops: GroupOps, name: str, max_bytes: int | None, low_bytes: int, min_bytes: int
+    ) -> None:
         self.manager = manager
+        self.ops = ops
         self.name = name
         self.max_bytes = max_bytes
         self.low_bytes = low_bytes
         self.min_bytes = min_bytes
         self.charged_bytes = 0  # resident + being brought in
-        self.resident_bytes = 0
-        self.swapped_bytes = 0
-        self.bo_count = 0
         self.evictions = 0
 
     def alloc(self, nbytes: int, name: str | None = None, priority: int = 0) -> BufferObject:
         """:meth:`Manager.alloc` of a BO in this group (evicting the group's own
         BOs first when the group is at its ``max``)."""
-        return self.manager.alloc(nbytes, name, priority, group=self)
+        return self.ops.alloc(nbytes, name, priority, self)
 
     def set_limits(self, *, max: object = _KEEP, low: object = _KEEP, min: object = _KEEP) -> None:
         """Change some limits at once; they take effect now (a lower ``max``
@@ -103,12 +110,27 @@ class Group:
             OutOfDeviceMemory: the group's pinned (or in use) BOs exceed the
                 new ``max``; the old limits stay.
         """
-        self.manager._set_group_limits(
+        self.ops.set_limits(
             self,
             self.max_bytes if max is _KEEP else max,
             self.low_bytes if low is _KEEP else low,
             self.min_bytes if min is _KEEP else min,
         )
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the group's BOs on the device (see :meth:`stats`)."""
+        return self.stats().resident_bytes
+
+    @property
+    def swapped_bytes(self) -> int:
+        """Bytes of the group's BOs in the store (see :meth:`stats`)."""
+        return self.stats().swapped_bytes
+
+    @property
+    def bo_count(self) -> int:
+        """Live BOs in the group (see :meth:`stats`)."""
+        return self.stats().bo_count
 
     @property
     def max(self) -> int | None:
@@ -136,11 +158,11 @@ class Group:
 
     def stats(self) -> GroupStats:
         """A consistent snapshot of the group's limits and usage."""
-        return self.manager._group_stats(self)
+        return self.ops.stats(self)
 
     def __repr__(self) -> str:
         limit = "unlimited" if self.max_bytes is None else format_bytes(self.max_bytes)
         return (
-            f"<Group {self.name!r} resident={format_bytes(self.resident_bytes)}/{limit}"
-            f" low={format_bytes(self.low_bytes)} min={format_bytes(self.min_bytes)} bos={self.bo_count}>"
+            f"<Group {self.name!r} charged={format_bytes(self.charged_bytes)}/{limit}"
+            f" low={format_bytes(self.low_bytes)} min={format_bytes(self.min_bytes)}>"
         )

@@ -30,7 +30,7 @@ class LRU(Generic[T]):
     least recently used first: the order in which to pick victims.
 
     Notes:
-        Not thread-safe; the manager calls it with its lock held.
+        Not thread-safe; :class:`gpubo._resource.Resource` calls it with its lock held.
     """
 
     def __init__(self) -> None:
@@ -58,6 +58,3 @@ class LRU(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         for lst in self._lists:
             yield from lst.values()
-
-    def __len__(self) -> int:
-        return sum(len(lst) for lst in self._lists)

@@ -1,4 +1,7 @@
-"""The one place where bytes move between a device buffer and the store.
+"""Every byte copy: between a device buffer and the store, between a
+device buffer and host memory (``BufferObject.read``/``write``), and zero
+fills. Callers hold the BO's lock (see :mod:`gpubo._move`); nothing here
+takes a lock or changes bookkeeping.
 
 Both directions copy exactly once: eviction maps the device buffer and the
 store copies from that mapping into its memory-mapped storage; restore
@@ -18,18 +21,51 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import pyopencl as cl
 
 from gpubo._errors import GpuboError
-from gpubo.backends.opencl import OpenCLBackend
+from gpubo.backends.base import Backend
 from gpubo.store.base import PAGE_BYTES, Entry, SwapStore
 
-__all__ = ["swap_in", "swap_in_batch", "swap_out", "swap_out_batch"]
+__all__ = [
+    "read_bytes",
+    "replace_bytes",
+    "swap_in",
+    "swap_in_batch",
+    "swap_out",
+    "swap_out_batch",
+    "write_bytes",
+    "zero_fill",
+]
 
 
-def swap_out(backend: OpenCLBackend, store: SwapStore, buf: cl.Buffer, nbytes: int) -> Entry:
+def read_bytes(backend: Backend, buf: Any, dest: np.ndarray, offset: int) -> None:
+    """Copy ``dest.nbytes`` bytes of ``buf`` from byte ``offset`` into ``dest``."""
+    if dest.nbytes:
+        backend.download(buf, dest, offset)
+
+
+def write_bytes(backend: Backend, buf: Any, src: np.ndarray, offset: int) -> None:
+    """Copy ``src`` into ``buf`` at byte ``offset`` (a resident BO's buffer,
+    ordered after its kernels on the queue)."""
+    if src.nbytes:
+        backend.upload(buf, src, offset)
+
+
+def replace_bytes(backend: Backend, buf: Any, src: np.ndarray) -> None:
+    """Fill ``buf``, a buffer nothing else uses yet, with ``src`` (a BO's
+    whole new content: its old bytes are never read back)."""
+    backend.upload(buf, src, 0, fresh=True)
+
+
+def zero_fill(backend: Backend, buf: Any, nbytes: int) -> None:
+    """Zero the first ``nbytes`` of ``buf`` (a fresh or reused buffer)."""
+    backend.zero(buf, nbytes)
+
+
+def swap_out(backend: Backend, store: SwapStore, buf: Any, nbytes: int) -> Entry:
     """Copy ``nbytes`` of ``buf`` into a new committed store entry.
 
     Raises:
@@ -42,10 +78,10 @@ def swap_out(backend: OpenCLBackend, store: SwapStore, buf: cl.Buffer, nbytes: i
 
 
 def swap_out_batch(
-    backend: OpenCLBackend,
+    backend: Backend,
     store: SwapStore,
-    staging: cl.Buffer,
-    parts: Sequence[tuple[cl.Buffer, int]],
+    staging: Any,
+    parts: Sequence[tuple[Any, int]],
     layout: Sequence[tuple[int, int]],
 ) -> list[Entry]:
     """Copy each ``(buf, nbytes)`` of ``parts`` into one new entry each, via
@@ -64,7 +100,7 @@ def swap_out_batch(
         return store.write_batch(view, layout)
 
 
-def swap_in(backend: OpenCLBackend, store: SwapStore, entry: Entry, buf: cl.Buffer, label: str) -> None:
+def swap_in(backend: Backend, store: SwapStore, entry: Entry, buf: Any, label: str) -> None:
     """Overwrite ``buf`` with ``entry``'s verified bytes.
 
     Raises:
@@ -75,9 +111,7 @@ def swap_in(backend: OpenCLBackend, store: SwapStore, entry: Entry, buf: cl.Buff
     swap_in_batch(backend, store, [(entry, buf, label)])
 
 
-def swap_in_batch(
-    backend: OpenCLBackend, store: SwapStore, parts: Sequence[tuple[Entry, cl.Buffer, str]]
-) -> None:
+def swap_in_batch(backend: Backend, store: SwapStore, parts: Sequence[tuple[Entry, Any, str]]) -> None:
     """Overwrite each ``buf`` of ``parts`` (``(entry, buf, label)``) with its
     entry's verified bytes. Every entry the store can lend as one run (one
     chunk at most, no zero page) is verified first, then one copy command
@@ -97,13 +131,13 @@ def swap_in_batch(
             for (_, buf, _), view in zip(parts, views, strict=True)
             if view
         ]
-        events: list[cl.Event] = []
+        events: list[Any] = []
         try:
             for buf, data in lent[:-1]:
                 events.append(backend.upload_nowait(buf, data))
             if lent:
                 # The last copy blocks: the queue is in order, so the others
-                # are done by then (a lone copy costs less so, on PoCL).
+                # are done by then (see BENCHMARKS.md for what a lone copy costs).
                 backend.upload(*lent[-1], 0, fresh=True)
         except BaseException:
             with contextlib.suppress(GpuboError):

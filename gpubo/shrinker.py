@@ -29,13 +29,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from gpubo._units import parse_bytes
-
-if TYPE_CHECKING:
-    from gpubo._manager import Manager
 
 __all__ = [
     "DeviceShrinker",
@@ -44,7 +42,9 @@ __all__ = [
     "Pressure",
     "PressureMonitor",
     "PressureSource",
+    "Shrinkable",
     "Shrinker",
+    "ShrinkerList",
     "StoreCacheShrinker",
 ]
 
@@ -53,7 +53,12 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class Shrinker(Protocol):
-    """Anything that can give memory back."""
+    """Anything that can give memory back.
+
+    A shrinker whose ``scan`` also takes ``may_block`` (a keyword: False when
+    the pressure monitor asks, so it must not wait) says so with a class
+    attribute ``takes_may_block = True``; the built-in ones do.
+    """
 
     def count(self) -> int:
         """Bytes that could be freed now (cheap, approximate)."""
@@ -68,49 +73,106 @@ class PoolShrinker:
     """Releases device buffers the manager keeps for reuse."""
 
     name = "pool"
+    takes_may_block = True
 
-    def __init__(self, manager: Manager) -> None:
-        self._manager = manager
+    def __init__(self, pooled_bytes: Callable[[], int], drain: Callable[[int], int]) -> None:
+        self._pooled_bytes = pooled_bytes
+        self._drain = drain
 
     def count(self) -> int:
-        return self._manager.stats().pooled_bytes
+        return self._pooled_bytes()
 
-    def scan(self, nbytes: int) -> int:
-        return self._manager._drain_pool(nbytes)
+    def scan(self, nbytes: int, *, may_block: bool = True) -> int:
+        return self._drain(nbytes)  # releases only: never waits for the device
 
 
 class DeviceShrinker:
-    """Purges and evicts buffer objects (see the module docstring for the order).
-
-    ``scan`` blocks only when the manager's current shrink allows it (not for
-    the pressure monitor).
-    """
+    """Purges and evicts buffer objects (see the module docstring for the
+    order); with ``may_block`` False it only try-locks and skips busy BOs."""
 
     name = "device"
+    takes_may_block = True
 
-    def __init__(self, manager: Manager) -> None:
-        self._manager = manager
+    def __init__(self, evictable_bytes: Callable[[], int], shrink: Callable[[int, bool], int]) -> None:
+        self._evictable_bytes = evictable_bytes
+        self._shrink = shrink
 
     def count(self) -> int:
-        return self._manager._evictable_bytes()
+        return self._evictable_bytes()
 
-    def scan(self, nbytes: int) -> int:
-        return self._manager._shrink_device(nbytes, may_block=self._manager._shrink_may_block())
+    def scan(self, nbytes: int, *, may_block: bool = True) -> int:
+        return self._shrink(nbytes, may_block)
+
+
+class _CachedStore(Protocol):
+    def cached_bytes(self) -> int: ...
+    def drop_cache(self, nbytes: int) -> int: ...
 
 
 class StoreCacheShrinker:
     """Writes back and drops store pages the host page cache holds."""
 
     name = "store-cache"
+    takes_may_block = True
 
-    def __init__(self, manager: Manager) -> None:
-        self._manager = manager
+    def __init__(self, store: _CachedStore) -> None:
+        self._store = store
 
     def count(self) -> int:
-        return self._manager.store.cached_bytes()
+        return self._store.cached_bytes()
 
-    def scan(self, nbytes: int) -> int:
-        return self._manager.store.drop_cache(nbytes)
+    def scan(self, nbytes: int, *, may_block: bool = True) -> int:
+        return self._store.drop_cache(nbytes)
+
+
+class Shrinkable(Protocol):
+    """What a :class:`PressureMonitor` shrinks (a :class:`~gpubo.Manager`)."""
+
+    def shrink(self, nbytes: int | str, *, may_block: bool = True) -> int: ...
+
+
+class ShrinkerList:
+    """The registry a manager runs, in order (thread-safe: its own lock is a
+    leaf, and no shrinker runs under it)."""
+
+    def __init__(self, shrinkers: list[Shrinker]) -> None:
+        self._lock = threading.Lock()
+        self._list = list(shrinkers)
+
+    def snapshot(self) -> list[Shrinker]:
+        with self._lock:
+            return list(self._list)
+
+    def register(self, shrinker: Shrinker, first: bool) -> None:
+        if not isinstance(shrinker, Shrinker):
+            raise TypeError(f"shrinker must have count() and scan(nbytes), got {type(shrinker).__name__}")
+        with self._lock:
+            self._list.insert(0 if first else len(self._list), shrinker)
+
+    def unregister(self, shrinker: Shrinker) -> None:
+        with self._lock:
+            if shrinker in self._list:
+                self._list.remove(shrinker)
+
+    def run(self, want: int, may_block: bool) -> int:
+        """Scan each shrinker with something to give until ``want`` bytes are
+        freed; a shrinker that raises is logged and skipped. Bytes freed."""
+        freed = 0
+        for shrinker in self.snapshot():
+            if freed >= want:
+                break
+            try:
+                if shrinker.count() <= 0:  # nothing to give: no scan (as in the kernel)
+                    continue
+                if getattr(shrinker, "takes_may_block", False):
+                    got = int(shrinker.scan(want - freed, may_block=may_block))  # type: ignore[call-arg]
+                else:
+                    got = int(shrinker.scan(want - freed))
+            except Exception:
+                log.exception("shrinker %r failed; the others still run", shrinker)
+                continue
+            freed += max(0, got)
+        return freed
 
 
 @dataclass(frozen=True)
@@ -272,7 +334,7 @@ class PressureMonitor:
         on.
     """
 
-    def __init__(self, manager: Manager, source: PressureSource, interval: float) -> None:
+    def __init__(self, manager: Shrinkable, source: PressureSource, interval: float) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
         self._manager = manager

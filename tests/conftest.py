@@ -275,7 +275,20 @@ class Gate:
     """
 
     #: Backend calls that never wait for the device.
-    _NON_BLOCKING = frozenset({"is_complete", "fence", "launch", "const_args", "release"})
+    _NON_BLOCKING = frozenset(
+        {
+            "is_complete",
+            "fence",
+            "launch",
+            "const_args",
+            "release",
+            "is_kernel",
+            "is_event",
+            "handle",
+            "buffer_of",
+            "array",
+        }
+    )
 
     def __init__(self, m: gpubo.Manager) -> None:
         self.event = cl.UserEvent(m.context)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyopencl as cl
+import pyopencl.array as cl_array
 
 from gpubo._errors import DeviceError, GpuboError, OutOfDeviceMemory
 
@@ -259,7 +260,7 @@ class OpenCLBackend:
         self._unmaps_lock = threading.Lock()
         # (program handle, kernel name) -> (the program, kept so that its
         # handle is not reused while cached; its const arguments), LRU order.
-        self._const_args: OrderedDict[tuple[int, str], tuple[cl.Program, frozenset[int]]] = OrderedDict()
+        self._const_args: OrderedDict[tuple[int, str], tuple[Any, frozenset[int]]] = OrderedDict()
         self._const_args_lock = threading.Lock()
 
     def const_args(self, kernel: cl.Kernel) -> frozenset[int]:
@@ -271,7 +272,7 @@ class OpenCLBackend:
         Empty (every argument may be written) when that is impossible: a
         program built from binaries, or a shadow build that fails.
         """
-        program = kernel.program
+        program: Any = kernel.program  # a pyopencl Program or its _cl._Program
         key = (program.int_ptr, kernel.function_name)
         with self._const_args_lock:
             hit = self._const_args.get(key)
@@ -287,9 +288,9 @@ class OpenCLBackend:
                 self._const_args.popitem(last=False)
         return found
 
-    def _shadow_const_args(self, program: cl.Program, name: str) -> frozenset[int]:
+    def _shadow_const_args(self, program: Any, name: str) -> frozenset[int]:
         try:
-            source = program.get_info(cl.program_info.SOURCE)
+            source: str = program.get_info(cl.program_info.SOURCE)
             if not source:
                 log.info("kernel %r: program built from binaries, its const arguments are unknown", name)
                 return frozenset()
@@ -572,6 +573,30 @@ class OpenCLBackend:
             return cl.enqueue_marker(self.queue)
         except cl.Error as e:
             raise _translate(e, "enqueueing a marker") from e
+
+    @staticmethod
+    def handle(buf: cl.Buffer) -> int:
+        return int(buf.int_ptr)
+
+    @staticmethod
+    def is_kernel(obj: object) -> bool:
+        return isinstance(obj, cl.Kernel)
+
+    @staticmethod
+    def is_event(obj: object) -> bool:
+        return isinstance(obj, cl.Event)
+
+    def array(self, buf: cl.Buffer, shape: tuple[int, ...], dtype: np.dtype[Any]) -> cl_array.Array:
+        """A ``pyopencl.array.Array`` over ``buf`` on :attr:`queue`."""
+        return cl_array.Array(self.queue, shape, dtype, data=buf)
+
+    @staticmethod
+    def buffer_of(arg: object) -> tuple[Any, bool] | None:
+        if isinstance(arg, cl_array.Array):
+            return arg.base_data, bool(arg.offset)
+        if isinstance(arg, cl.MemoryObjectHolder):
+            return arg, False
+        return None
 
     def finish(self) -> None:
         """Wait for everything queued on the device."""
