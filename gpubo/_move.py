@@ -251,6 +251,15 @@ class Mover:
                 bo.lock.release()
                 raise
 
+    def restore(self, bo: BufferObject) -> None:
+        """Make ``bo`` resident (restoring it if swapped) and count it as a use."""
+        self.lock_resident(bo)
+        try:
+            with self.res.lock:
+                self.res.lru_touch_locked(bo)
+        finally:
+            bo.lock.release()
+
     def _restore_locked(self, bo: BufferObject, replace_with: np.ndarray | None, own_pins: int) -> None:
         """Bring swapped ``bo`` back. Holds ``room_lock`` and ``bo.lock``. The
         entry is kept as the BO's clean copy (released when it is dirtied)."""

@@ -138,12 +138,7 @@ class BufferOps:
             self.mover.swap_out_locked(bo, keep_buffer=True)
 
     def restore(self, bo: BufferObject) -> None:
-        self.mover.lock_resident(bo)
-        try:
-            with self.res.lock:
-                self.res.lru_touch_locked(bo)
-        finally:
-            bo.lock.release()
+        self.mover.restore(bo)
 
     def sync(self, bo: BufferObject) -> None:
         self.records.sync(bo)

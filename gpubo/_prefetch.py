@@ -81,12 +81,7 @@ class Prefetcher:
                     log.info("a batched prefetch failed, restoring one by one: %s", e)
             self.mover.check_alive(bo)
             if bo.state is State.SWAPPED:
-                self.mover.lock_resident(bo)
-                try:
-                    with self.res.lock:
-                        self.res.lru_touch_locked(bo)
-                finally:
-                    bo.lock.release()
+                self.mover.restore(bo)
         except GpuboError as e:
             log.info("prefetch of %s failed (its next use will retry): %s", bo.label(), e)
             raise
