@@ -150,7 +150,9 @@ class Launcher:
                         nbytes=total,
                         budget=self.res.budget,
                     )
-                for bo in sorted(bos.values(), key=lambda b: b.id):
+                # The resident ones first: making room for a swapped argument
+                # must not evict (or purge, if purgeable) one not yet pinned.
+                for bo in sorted(bos.values(), key=lambda b: (b.state is not State.RESIDENT, b.id)):
                     self.pin(bo, dirty=bo.id in writes, own_pins=own)
                     pinned.append(bo)
                     own += bo.nbytes

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyopencl as cl
 import pytest
-from conftest import INC_SRC, SLOW_SRC, check_budget, gated_launch, pattern, slow_expected
+from conftest import AXPY_SRC, INC_SRC, SLOW_SRC, check_budget, gated_launch, pattern, slow_expected
 
 import gpubo
 from gpubo.shrinker import DeviceShrinker, PoolShrinker
@@ -297,3 +297,28 @@ def test_hibernate_skips_a_purged_named_bo(mgr: gpubo.Manager) -> None:
     mgr.hibernate()
     assert bo.state is P and other.state is S
     assert mgr.names() == ["kept"]
+
+
+def test_a_launch_never_drops_its_own_purgeable_argument(
+    make_mgr: Callable[..., gpubo.Manager], build_kernel: Callable[..., cl.Kernel]
+) -> None:
+    """Room for a swapped argument must not come from another argument not
+    yet pinned, even a purgeable one, which the walk would take first: here
+    the bystander z must go instead (found by the stateful machine's long
+    profile)."""
+    m = make_mgr(budget=2 * N, store_size="16MiB")
+    axpy = build_kernel(m, AXPY_SRC, "axpy")
+    x = m.alloc(N)  # the lowest id: first in id order
+    x.write(np.full(N // 4, 2, np.float32))
+    x.evict()
+    assert m.evict(N) == N  # its buffer leaves the pool: restoring x needs room
+    z = m.alloc(N)
+    z.write(pattern(N, 5))
+    y = m.alloc(N)
+    y.write(np.full(N // 4, 1, np.float32))
+    y.purgeable = True  # the budget is full: z and y
+    m.launch(axpy, (N // 4,), None, x, y, np.float32(3), np.int32(N // 4)).wait()
+    assert y.state is gpubo.State.RESIDENT
+    assert (y.read(np.float32) == 7).all()  # 3 * 2 + 1: y was kept, not dropped
+    assert z.state is gpubo.State.SWAPPED and np.array_equal(z.read(), pattern(N, 5))
+    check_budget(m)
