@@ -5,16 +5,19 @@ anything changes, and raises a TypeError or ValueError naming the argument.
 from __future__ import annotations
 
 import os
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
+from gpubo._errors import OutOfDeviceMemory
 from gpubo._lru import NUM_PRIORITIES
+from gpubo._units import format_bytes
 
 __all__ = [
     "as_byte_array",
     "as_out_array",
+    "check_alloc_size",
     "check_dtype",
     "check_int",
     "check_name",
@@ -146,3 +149,33 @@ def check_priority(priority: object) -> int:
     if value >= NUM_PRIORITIES:
         raise ValueError(f"priority must be in 0..{NUM_PRIORITIES - 1}, got {value}")
     return value
+
+
+class _Limited(Protocol):
+    name: str
+    max_bytes: int | None
+
+
+def check_alloc_size(nbytes: int, budget: int, max_alloc: int, group: _Limited | None) -> None:
+    """Refuse a BO that could never be resident: larger than its group's
+    ``max``, the budget or the device's largest allocation (nothing is
+    evicted for it).
+
+    Raises:
+        OutOfDeviceMemory: it is.
+    """
+    if group is not None and group.max_bytes is not None and nbytes > group.max_bytes:
+        raise OutOfDeviceMemory(
+            f"cannot allocate {format_bytes(nbytes)}: larger than group {group.name!r}'s max "
+            f"({format_bytes(group.max_bytes)})",
+            nbytes=nbytes,
+            budget=budget,
+        )
+    limit = min(budget, max_alloc)
+    if nbytes > limit:
+        what = "budget" if nbytes > budget else "device's largest allocation"
+        raise OutOfDeviceMemory(
+            f"cannot allocate {format_bytes(nbytes)}: larger than the {what} ({format_bytes(limit)})",
+            nbytes=nbytes,
+            budget=budget,
+        )

@@ -24,8 +24,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from gpubo._bo import BufferObject
-from gpubo._checks import check_int, check_name, check_priority, check_work_size, from_environment
-from gpubo._errors import OutOfDeviceMemory
+from gpubo._checks import (
+    check_alloc_size,
+    check_int,
+    check_name,
+    check_priority,
+    check_work_size,
+    from_environment,
+)
 from gpubo._evict import BATCH_BYTES, BATCH_MAX_BO_BYTES, Evictor
 from gpubo._groups import _KEEP, Group, check_limits
 from gpubo._launch import Launcher
@@ -35,6 +41,7 @@ from gpubo._prefetch import Prefetcher
 from gpubo._records import Records
 from gpubo._resource import Resource, StoreAdmission
 from gpubo._state import Stats
+from gpubo._transfer import make_transfer
 from gpubo._units import format_bytes, parse_bytes
 from gpubo.backends.base import Backend
 from gpubo.backends.opencl import OpenCLBackend
@@ -84,6 +91,10 @@ class Manager:
             else a GPU if present, else any OpenCL device.
         checksums: keep an xxh3-64 checksum per stored chunk and verify it on
             every restore.
+        transfer: ``"map"`` (map device buffers: zero-copy on unified memory),
+            ``"bounce"`` (stream through ``bounce_buffers`` pinned host buffers
+            of ``bounce_size``, allocated now), ``"auto"`` (map on unified
+            memory, else bounce); None: ``$GPUBO_TRANSFER``, else auto.
 
     Raises:
         TypeError, ValueError: an argument is of the wrong type or out of range.
@@ -111,6 +122,9 @@ class Manager:
         durability: str = "lazy",
         checksums: bool = True,
         pressure: bool | PressureSource | None = None,
+        transfer: str | None = None,
+        bounce_buffers: int = 4,
+        bounce_size: int | str = "4MiB",
     ) -> None:
         budget, store, device = from_environment(budget, store, device)
         self.budget: int = parse_bytes(budget, "budget")
@@ -125,6 +139,7 @@ class Manager:
             raise TypeError(f"durability must be a str, got {type(durability).__name__}")
         if not isinstance(checksums, bool):
             raise TypeError("checksums must be a bool")
+        bounce = (check_int(bounce_buffers, "bounce_buffers", 2), parse_bytes(bounce_size, "bounce_size"))
         backend: Backend = OpenCLBackend(device)
         if self.budget > backend.global_mem_bytes:
             log.warning(
@@ -139,10 +154,15 @@ class Manager:
                 store, store_bytes, backend=store_backend, checksums=checksums, durability=durability
             )
         self._close_store = weakref.finalize(self, self.store.close)
+        try:
+            transfer_ = make_transfer(transfer, backend, self.store, *bounce)
+        except BaseException:
+            self._close_store()
+            raise
         # The pieces, each on top of the ones before it (imports point one way).
         self._res = Resource(self.budget, backend)
         self._admission = StoreAdmission(self.store)
-        self._mover = Mover(self._res, self._admission, backend, self.store)
+        self._mover = Mover(self._res, self._admission, backend, self.store, transfer_)
         self._evictor = Evictor(self._res, self._mover)
         self._mover.room = self._evictor
         self._launcher = Launcher(self._res, self._mover, backend)
@@ -183,7 +203,7 @@ class Manager:
     @backend.setter
     def backend(self, value: Backend) -> None:
         self._backend = value
-        for piece in (self._res, self._mover, self._launcher):
+        for piece in (self._res, self._mover, self._launcher, self._mover.transfer):
             piece.backend = value
 
     @property
@@ -221,21 +241,7 @@ class Manager:
         priority = check_priority(priority)
         if group is not None and (not isinstance(group, Group) or group.manager is not self):
             raise ValueError(f"group must be a Group of this manager, got {group!r}")
-        limit = min(self.budget, self._backend.max_alloc_bytes)
-        if group is not None and group.max_bytes is not None and nbytes > group.max_bytes:
-            raise OutOfDeviceMemory(
-                f"cannot allocate {format_bytes(nbytes)}: larger than group {group.name!r}'s max "
-                f"({format_bytes(group.max_bytes)})",
-                nbytes=nbytes,
-                budget=self.budget,
-            )
-        if nbytes > limit:
-            what = "budget" if nbytes > self.budget else "device's largest allocation"
-            raise OutOfDeviceMemory(
-                f"cannot allocate {format_bytes(nbytes)}: larger than the {what} ({format_bytes(limit)})",
-                nbytes=nbytes,
-                budget=self.budget,
-            )
+        check_alloc_size(nbytes, self.budget, self._backend.max_alloc_bytes, group)
         return self._mover.new_bo(self, self._bo_ops, nbytes, name, priority, group)
 
     def launch(
@@ -508,6 +514,7 @@ class Manager:
                 store_used_bytes=self.store.used_bytes,
                 purged_bytes=c.purged_bytes,
                 purges=c.purges,
+                transfer=self._mover.transfer.name,
             )
 
     def close(self) -> None:
@@ -531,6 +538,7 @@ class Manager:
             with self._res.room_lock:
                 try:
                     self._mover.free_all(live)
+                    self._mover.transfer.close()
                 finally:
                     self._close_store()
         log.info("gpubo manager closed")
@@ -550,5 +558,6 @@ class Manager:
             return (
                 f"<Manager {self._backend.name} resident={format_bytes(res.counters.resident_bytes)}"
                 f"/{format_bytes(self.budget)} pooled={format_bytes(res.pool.pooled_bytes)}"
-                f" swapped={format_bytes(res.counters.swapped_bytes)} bos={len(res.bos)} pinned={pinned}>"
+                f" swapped={format_bytes(res.counters.swapped_bytes)} bos={len(res.bos)} pinned={pinned}"
+                f" transfer={self._mover.transfer.name}>"
             )

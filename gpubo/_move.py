@@ -6,8 +6,9 @@ Owns: the staging buffer of batched evictions (``_staging``, guarded by the
 resource's ``room_lock``). Everything else it changes belongs to
 :class:`gpubo._resource.Resource` (under its lock) or to the BO (under its
 lock); state moves go through :func:`gpubo._state.move`, byte copies through
-:mod:`gpubo._transfer`. Room is made by a :class:`RoomMaker` (the eviction
-walk, :class:`gpubo._evict.Evictor`), which uses this module to evict: it is
+the transfer strategy of :mod:`gpubo._transfer` (``map`` or ``bounce``).
+Room is made by a :class:`RoomMaker` (the eviction walk,
+:class:`gpubo._evict.Evictor`), which uses this module to evict: it is
 passed in, so the imports point one way.
 
 The invariants of each move, in order:
@@ -40,14 +41,7 @@ from gpubo._errors import (
 )
 from gpubo._resource import NO_ROOM, PINNED, Resource, StoreAdmission
 from gpubo._state import State, enter, move, needs_copy
-from gpubo._transfer import (
-    replace_bytes,
-    swap_in,
-    swap_in_batch,
-    swap_out,
-    swap_out_batch,
-    zero_fill,
-)
+from gpubo._transfer import MapTransfer, replace_bytes, zero_fill
 from gpubo._units import format_bytes
 from gpubo.backends.base import Backend
 from gpubo.store import PAGE_BYTES, Entry, SwapStore
@@ -77,11 +71,19 @@ class RoomMaker(Protocol):
 class Mover:
     """Moves BOs between the device and the store (see the module docstring)."""
 
-    def __init__(self, resource: Resource, admission: StoreAdmission, backend: Backend, store: SwapStore):
+    def __init__(
+        self,
+        resource: Resource,
+        admission: StoreAdmission,
+        backend: Backend,
+        store: SwapStore,
+        transfer: MapTransfer,
+    ) -> None:
         self.res = resource
         self.admission = admission
         self.backend = backend
         self.store = store
+        self.transfer = transfer  # the strategy every BO copy goes through (see gpubo._transfer)
         self.room: RoomMaker | None = None  # wired by the Manager once the walk exists
         self._staging: tuple[Any, int] | None = None
 
@@ -319,7 +321,7 @@ class Mover:
                 assert bo.entry is not None
                 bufs.append(self.new_buffer(bo.nbytes, zero=False, group=bo.group))
                 parts.append((bo.entry, bufs[-1], bo.label()))
-            swap_in_batch(self.backend, self.store, parts)
+            self.transfer.swap_in_batch(parts)
         except BaseException:
             for bo, buf in zip(bos, bufs, strict=False):
                 self.release(buf, bo.nbytes, bo.group)
@@ -347,7 +349,7 @@ class Mover:
             if content is not None:
                 replace_bytes(self.backend, buf, content)
             elif entry is not None:
-                swap_in(self.backend, self.store, entry, buf, bo.label())
+                self.transfer.swap_in(entry, buf, bo.label())
         except BaseException:
             self.release(buf, bo.nbytes, bo.group)
             raise
@@ -444,8 +446,8 @@ class Mover:
             with self.res.lock:
                 events = [ev for bo in copy for ev in bo.events]
             self.backend.wait(events)
-            entries = swap_out_batch(
-                self.backend, self.store, staging, [(self.buf(bo), bo.nbytes) for bo in copy], layout
+            entries = self.transfer.swap_out_batch(
+                staging, [(self.buf(bo), bo.nbytes) for bo in copy], layout
             )
         finally:
             if not keep_staging:
@@ -468,7 +470,7 @@ class Mover:
         if bo.known_zero:
             bo.entry, copied = self.store.write_zeros(bo.nbytes), 0
         else:
-            bo.entry = swap_out(self.backend, self.store, self.buf(bo), bo.nbytes)
+            bo.entry = self.transfer.swap_out(self.buf(bo), bo.nbytes)
             copied = bo.entry.stored_bytes
         return copied
 

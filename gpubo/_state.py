@@ -59,7 +59,8 @@ class Counters:
 
 @dataclass(frozen=True)
 class Stats:
-    """A snapshot of a manager's counters; every field is an int.
+    """A snapshot of a manager's counters; every field is an int but
+    ``transfer``, the copy strategy in use (``"map"`` or ``"bounce"``).
 
     ``resident_bytes`` counts BOs on the device; ``pooled_bytes`` counts freed
     or evicted device buffers kept for reuse (they count against the budget
@@ -82,6 +83,7 @@ class Stats:
     purges: int
     eviction_batches: int
     restore_batches: int
+    transfer: str
 
 
 class _Charged(Protocol):

@@ -20,6 +20,8 @@ a store transaction) is paid once per batch instead of once per buffer.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,9 +29,13 @@ import numpy as np
 
 from gpubo._errors import GpuboError
 from gpubo.backends.base import Backend
-from gpubo.store.base import PAGE_BYTES, Entry, SwapStore
+from gpubo.store.base import CHUNK_BYTES, PAGE_BYTES, Entry, SwapStore
 
 __all__ = [
+    "TRANSFERS",
+    "BounceTransfer",
+    "MapTransfer",
+    "make_transfer",
     "read_bytes",
     "replace_bytes",
     "swap_in",
@@ -149,3 +155,230 @@ def swap_in_batch(backend: Backend, store: SwapStore, parts: Sequence[tuple[Entr
         if not copied:
             with backend.map_write(buf, entry.nbytes) as view:
                 store.read_into(entry, view, label)
+
+
+# -- transfer strategies --------------------------------------------------------------
+#
+# A strategy moves one BO between a device buffer and the store. ``map``
+# (the functions above) maps the device buffer: zero-copy where the device's
+# memory is the host's. ``bounce`` never maps a device buffer: on a discrete
+# GPU a map is a hidden host staging copy the size of the buffer. It streams
+# the bytes through a few pinned host buffers allocated once, each copy of
+# the next range in flight while the store takes the current one. Both keep
+# the batch paths (a staging buffer of at most 2 MiB, and lent store views
+# copied straight to the device) for small BOs.
+
+
+class MapTransfer:
+    """The ``map`` strategy."""
+
+    name = "map"
+
+    def __init__(self, backend: Backend, store: SwapStore) -> None:
+        self.backend = backend
+        self.store = store
+
+    def swap_out(self, buf: Any, nbytes: int) -> Entry:
+        return swap_out(self.backend, self.store, buf, nbytes)
+
+    def swap_in(self, entry: Entry, buf: Any, label: str) -> None:
+        self.swap_in_batch([(entry, buf, label)])
+
+    def swap_in_batch(self, parts: Sequence[tuple[Entry, Any, str]]) -> None:
+        swap_in_batch(self.backend, self.store, parts)
+
+    def swap_out_batch(
+        self, staging: Any, parts: Sequence[tuple[Any, int]], layout: Sequence[tuple[int, int]]
+    ) -> list[Entry]:
+        return swap_out_batch(self.backend, self.store, staging, parts, layout)
+
+    def close(self) -> None:
+        pass
+
+
+class BounceTransfer(MapTransfer):
+    """The ``bounce`` strategy: ``count`` pinned host buffers of ``size``
+    bytes each (whole chunks), allocated here, once.
+
+    Notes:
+        One stream uses the buffers at a time (``_lock``, a leaf lock taken
+        under a BO's lock); a stream waits for every copy it enqueued before
+        it returns or raises, so no copy outlives the call that made it.
+
+    Raises (constructor):
+        ValueError: fewer than 2 buffers, or a size that is not a positive
+            multiple of the store's chunk (1 MiB).
+        OutOfDeviceMemory, DeviceError: the buffers could not be allocated.
+    """
+
+    name = "bounce"
+
+    def __init__(self, backend: Backend, store: SwapStore, count: int, size: int) -> None:
+        super().__init__(backend, store)
+        if count < 2:
+            raise ValueError(f"bounce buffers: at least 2 are needed to overlap copies, got {count}")
+        if size <= 0 or size % CHUNK_BYTES:
+            raise ValueError(f"bounce buffer size must be a positive multiple of 1 MiB, got {size}")
+        self.count = count
+        self.size = size
+        self._lock = threading.Lock()
+        self._pinned: list[tuple[Any, np.ndarray]] = []
+        try:
+            for _ in range(count):
+                self._pinned.append(backend.pinned_host(size))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the bounce buffers hold (all of it, from the start)."""
+        return self.count * self.size
+
+    def swap_out(self, buf: Any, nbytes: int) -> Entry:
+        zero = self.backend.zero_pages(buf, nbytes)  # zero pages never cross to the host
+        if zero is not None and zero.all():
+            return self.store.write_zeros(nbytes)
+        with self._lock:
+            stream = _Downloads(self, buf, nbytes)
+            try:
+                return self.store.write_chunks(stream, zero)
+            finally:
+                stream.finish()
+
+    def swap_in_batch(self, parts: Sequence[tuple[Entry, Any, str]]) -> None:
+        """Entries the store can lend go straight to the device (no map);
+        the others stream through the bounce buffers."""
+        with self.store.verified_views([e for e, _, _ in parts], [label for _, _, label in parts]) as views:
+            lent = [
+                (buf, np.frombuffer(v, np.uint8)) for (_, buf, _), v in zip(parts, views, strict=True) if v
+            ]
+            events: list[Any] = []
+            try:
+                for buf, data in lent:
+                    events.append(self.backend.upload_nowait(buf, data))
+            except BaseException:
+                with contextlib.suppress(GpuboError):
+                    self.backend.wait(events)  # the views must outlive every copy from them
+                raise
+            self.backend.wait(events)  # a failed copy shows here
+            done = [view is not None for view in views]
+        for (entry, buf, label), copied in zip(parts, done, strict=True):
+            if not copied:
+                with self._lock:
+                    stream = _Uploads(self, buf, entry.nbytes)
+                    try:
+                        self.store.read_chunks(entry, stream, label)
+                    finally:
+                        stream.finish()
+
+    def close(self) -> None:
+        pinned, self._pinned = self._pinned, []
+        for p in pinned:
+            self.backend.release_pinned(p)
+
+
+class _Stream:
+    """Ranges of ``size`` bytes of one device buffer, each in bounce buffer
+    ``range % count``; the store's chunks are served from inside them."""
+
+    def __init__(self, bounce: BounceTransfer, buf: Any, nbytes: int) -> None:
+        self.bounce = bounce
+        self.buf = buf
+        self.nbytes = nbytes
+        self.per = bounce.size // CHUNK_BYTES  # chunks per range
+        self.ranges = -(-nbytes // bounce.size)
+        self.events: dict[int, Any] = {}  # range -> its copy in flight
+
+    def _range_bytes(self, r: int) -> int:
+        return min(self.bounce.size, self.nbytes - r * self.bounce.size)
+
+    def _array(self, r: int) -> np.ndarray:
+        return self.bounce._pinned[r % self.bounce.count][1]
+
+    def _view(self, index: int) -> memoryview:
+        r, k = divmod(index, self.per)
+        start = k * CHUNK_BYTES
+        end = min(start + CHUNK_BYTES, self._range_bytes(r))
+        return memoryview(self._array(r).data)[start:end]
+
+    def finish(self) -> None:
+        """Wait for every copy still in flight (also after a failure)."""
+        events, self.events = list(self.events.values()), {}
+        with contextlib.suppress(GpuboError):  # a failed copy raised where it was used
+            self.bounce.backend.wait(events)
+
+
+class _Downloads(_Stream):
+    """:class:`Chunks` of a device buffer for the store to write: range r+1
+    (and on, one per free buffer) is copying while the store takes range r."""
+
+    def __init__(self, bounce: BounceTransfer, buf: Any, nbytes: int) -> None:
+        super().__init__(bounce, buf, nbytes)
+        self.current = -1
+
+    def chunk(self, index: int) -> memoryview:
+        r = index // self.per
+        if r < self.current:  # the store starts again (a retried write)
+            self.finish()
+        for old in [q for q in self.events if q < r]:
+            self.bounce.backend.wait([self.events.pop(old)])
+        self.current = r
+        for q in range(r, min(r + self.bounce.count, self.ranges)):
+            if q not in self.events:
+                out = self._array(q)[: self._range_bytes(q)]
+                self.events[q] = self.bounce.backend.download_nowait(self.buf, out, q * self.bounce.size)
+        self.bounce.backend.wait([self.events[r]])
+        return self._view(index)
+
+    def filled(self, index: int) -> None:
+        pass
+
+
+class _Uploads(_Stream):
+    """:class:`Chunks` of a device buffer for the store to fill: once a
+    range is filled and verified its upload is enqueued, and the store goes
+    on filling the next buffer meanwhile."""
+
+    def chunk(self, index: int) -> memoryview:
+        r = index // self.per
+        reuse = r - self.bounce.count  # the range that used this buffer before
+        if reuse in self.events:
+            self.bounce.backend.wait([self.events.pop(reuse)])
+        return self._view(index)
+
+    def filled(self, index: int) -> None:
+        r, k = divmod(index, self.per)
+        last_of_range = k == self.per - 1 or (index + 1) * CHUNK_BYTES >= self.nbytes
+        if last_of_range:
+            data = self._array(r)[: self._range_bytes(r)]
+            self.events[r] = self.bounce.backend.upload_at_nowait(self.buf, data, r * self.bounce.size)
+
+    def finish(self) -> None:
+        events, self.events = list(self.events.values()), {}
+        self.bounce.backend.wait(events)  # a failed upload shows here
+
+
+#: The strategies by name; ``auto`` picks ``map`` where the device's memory is
+#: the host's and ``bounce`` elsewhere.
+TRANSFERS = ("auto", "map", "bounce")
+
+
+def make_transfer(choice: object, backend: Backend, store: SwapStore, count: int, size: int) -> MapTransfer:
+    """The strategy ``choice`` (None: ``$GPUBO_TRANSFER``, else ``auto``).
+
+    Raises:
+        TypeError, ValueError: an unknown strategy or bad bounce buffers.
+        OutOfDeviceMemory, DeviceError: the bounce buffers could not be allocated.
+    """
+    if choice is None:
+        choice = os.environ.get("GPUBO_TRANSFER") or "auto"
+    if not isinstance(choice, str):
+        raise TypeError(f"transfer must be a str, got {type(choice).__name__}")
+    if choice not in TRANSFERS:
+        raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {choice!r}")
+    if choice == "auto":
+        choice = "map" if backend.host_unified_memory else "bounce"
+    if choice == "map":
+        return MapTransfer(backend, store)
+    return BounceTransfer(backend, store, count, size)

@@ -1255,6 +1255,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
             "cases": [k.label for k in cfg.cases],
             "reps": cfg.reps,
             "warmup": cfg.warmup,
+            # What GPUBO_TRANSFER asks of the managers (``gpubo bench --transfer``).
+            "transfer": os.environ.get("GPUBO_TRANSFER") or "auto",
         },
         "limit": [{"nbytes": t["nbytes"], **t["limit"]} for t in throughput],
         "throughput": [{"nbytes": t["nbytes"], "cases": t["cases"]} for t in throughput],

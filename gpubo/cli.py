@@ -535,9 +535,9 @@ def _stress_summary(report: StressReport) -> str:
     return f"\nSummary (timed phase):\n{summary}\n\n{stats_title}, before freeing:\n{_table(['', ''], stats)}"
 
 
-def _stat_value(name: str, value: int) -> str:
+def _stat_value(name: str, value: int | str) -> str:
     is_bytes = name == "budget" or name.endswith("_bytes") or name.startswith("bytes_")
-    return format_bytes(value) if is_bytes else str(value)
+    return format_bytes(value) if is_bytes and isinstance(value, int) else str(value)
 
 
 def _stress_problems(report: StressReport) -> str:
@@ -982,13 +982,28 @@ def selftest(
     default=None,
     help="Where stores go.",
 )
+@click.option(
+    "--transfer",
+    type=click.Choice(["auto", "map", "bounce"]),
+    default=None,
+    help="The managers' transfer strategy (default: $GPUBO_TRANSFER, else auto).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON results on stdout.")
 def bench(
-    quick: bool, full: bool, sizes: str | None, reps: int | None, parent_dir: str | None, as_json: bool
+    quick: bool,
+    full: bool,
+    sizes: str | None,
+    reps: int | None,
+    parent_dir: str | None,
+    transfer: str | None,
+    as_json: bool,
 ) -> None:
     """Measure eviction and restore against raw copies, the staged path, zict,
     bookkeeping cost and an oversubscribed multiply (see gpubo.bench)."""
     from gpubo import bench as bench_mod
+
+    if transfer is not None:  # every manager the run makes reads it (this process only)
+        os.environ["GPUBO_TRANSFER"] = transfer
 
     try:
         size_list = bench_mod.parse_sizes(sizes) if sizes else None

@@ -305,7 +305,7 @@ class StressReport:
     budget_violations: int = 0
     leaks: list[str] = field(default_factory=list)
     host_pressure_bytes: int = 0
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # Stats as a dict: ints, and the transfer name
     timeline: list[Sample] = field(default_factory=list)
     #: Latencies (ms) of uses that needed a restore; merged, not serialised.
     latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -893,7 +893,10 @@ def _merge(config: StressConfig, parts: list[StressReport]) -> StressReport:
         r.interrupted = r.interrupted or part.interrupted
         r.leaks.extend(f"process {part.config.process_index}: {leak}" for leak in part.leaks)
         for key, value in part.stats.items():
-            r.stats[key] = r.stats.get(key, 0) + value
+            if isinstance(value, int):
+                r.stats[key] = r.stats.get(key, 0) + value
+            else:  # the transfer strategy: the same in every process
+                r.stats[key] = value
     r.swept = bool(parts) and all(p.swept or p.bo_count == 0 for p in parts)
     del r.mismatches[MAX_REPORTED_MISMATCHES:]
     _set_percentiles(r)

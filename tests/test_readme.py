@@ -20,7 +20,10 @@ def test_readme_has_two_setup_commands_first() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_python_block_runs(
+    index: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GPUBO_TRANSFER", raising=False)  # the README shows the default
     namespace: dict[str, object] = {"__name__": "__readme__"}
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
     out = capsys.readouterr().out

@@ -55,6 +55,28 @@ _GATHER_ITEMS = 64
 GATHER_KERNEL_MAX_BYTES = 8 << 10
 
 
+#: OpenCL C of ``gpubo_zero_pages``: work item ``k`` sets ``flags[k]`` to 1
+#: when page ``k`` (4 KiB) of the buffer holds a non-zero byte; words of 8
+#: bytes, then the bytes of a partial last page.
+_ZERO_PAGES_SOURCE = """
+__kernel void gpubo_zero_pages(__global const ulong *words, __global const uchar *bytes,
+                               ulong nbytes, __global uchar *flags)
+{
+    const ulong page = get_global_id(0);
+    const ulong start = page * 4096;
+    ulong end = start + 4096;
+    if (end > nbytes) end = nbytes;
+    uchar nonzero = 0;
+    ulong i = start;
+    for (; i + 8 <= end && !nonzero; i += 8)
+        nonzero = words[i / 8] != 0;
+    for (; i < end && !nonzero; i++)
+        nonzero = bytes[i] != 0;
+    flags[page] = nonzero;
+}
+"""
+
+
 def _gather_source(width: int) -> str:
     """OpenCL C of ``gpubo_gather``: work group ``k`` (dimension 1) copies
     source ``k`` to ``dst`` at the byte offset and length ``meta`` gives for
@@ -250,10 +272,16 @@ class OpenCLBackend:
         self.name = "pocl" if platform == _POCL_PLATFORM else dev.name.strip()
         self.max_alloc_bytes = int(dev.max_mem_alloc_size)
         self.global_mem_bytes = int(dev.global_mem_size)
+        try:  # deprecated in OpenCL 2.0, still reported by PoCL and the GPU drivers
+            self.host_unified_memory = bool(dev.host_unified_memory)
+        except cl.Error:
+            self.host_unified_memory = False
         self._launch_lock = threading.Lock()
         self._gather_lock = threading.Lock()
         self._gather_kernel: cl.Kernel | None = None
         self._gather_failed = False
+        self._zero_kernel: cl.Kernel | None = None
+        self._zero_failed = False
         # Unmaps left in flight on ``queue``, by buffer: the next command on
         # ``transfer_queue`` for that buffer waits for its unmap.
         self._unmaps: dict[int, cl.Event] = {}
@@ -472,6 +500,45 @@ class OpenCLBackend:
                     log.warning("the gather kernel did not build (%s): batches copy one buffer at a time", e)
             return self._gather_kernel
 
+    def zero_pages(self, buf: cl.Buffer, nbytes: int) -> np.ndarray | None:
+        """Per-page (4 KiB) "all zeros" flags of the first ``nbytes`` of
+        ``buf``, computed on the device (only one byte per page crosses to
+        the host), after the commands before it on ``queue``; None when no
+        page is zero, or when the kernel cannot be built (then every page
+        counts as data).
+
+        Raises:
+            OutOfDeviceMemory, DeviceError: the kernel or its copy failed.
+        """
+        with self._gather_lock:
+            if self._zero_kernel is None and not self._zero_failed:
+                try:
+                    program = cl.Program(self.context, _ZERO_PAGES_SOURCE).build()
+                    self._zero_kernel = cl.Kernel(program, "gpubo_zero_pages")
+                except (cl.Error, RuntimeError) as e:
+                    self._zero_failed = True
+                    log.warning(
+                        "the zero-page kernel did not build (%s): bounce evictions store every page", e
+                    )
+            kernel = self._zero_kernel
+        if kernel is None:
+            return None
+        npages = -(-nbytes // 4096)
+        flags = np.empty(npages, np.uint8)
+        try:
+            out = cl.Buffer(self.context, cl.mem_flags.WRITE_ONLY, npages)
+            try:
+                with self._launch_lock:
+                    kernel.set_args(buf, buf, np.uint64(nbytes), out)
+                    cl.enqueue_nd_range_kernel(self.queue, kernel, (npages,), None)
+                cl.enqueue_copy(self.queue, flags, out, is_blocking=True)
+            finally:
+                out.release()
+        except cl.Error as e:
+            raise _translate(e, "finding zero pages", nbytes) from e
+        zero = flags == 0
+        return zero if zero.any() else None
+
     def download(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> None:
         """Copy ``out.nbytes`` bytes from ``buf`` at byte ``offset`` into ``out``."""
         try:
@@ -573,6 +640,67 @@ class OpenCLBackend:
             return cl.enqueue_marker(self.queue)
         except cl.Error as e:
             raise _translate(e, "enqueueing a marker") from e
+
+    def pinned_host(self, nbytes: int) -> tuple[cl.Buffer, np.ndarray]:
+        """A host buffer of ``nbytes`` the device can copy to and from directly
+        (``CL_MEM_ALLOC_HOST_PTR``: pinned memory on a discrete GPU), mapped
+        once: the buffer and its host array, until :meth:`release_pinned`.
+
+        Raises:
+            OutOfDeviceMemory, DeviceError: it could not be allocated or mapped.
+        """
+        flags = cl.mem_flags.READ_WRITE | cl.mem_flags.ALLOC_HOST_PTR
+        access: Any = cl.map_flags.READ | cl.map_flags.WRITE
+        try:
+            buf = cl.Buffer(self.context, flags, nbytes)
+            array, _ = cl.enqueue_map_buffer(
+                self.queue, buf, access, 0, (nbytes,), np.dtype(np.uint8), is_blocking=True
+            )
+        except cl.Error as e:
+            raise _translate(e, "allocating a pinned host buffer", nbytes) from e
+        return buf, array
+
+    def release_pinned(self, pinned: tuple[cl.Buffer, np.ndarray]) -> None:
+        buf, array = pinned
+        mapping: Any = array.base
+        try:
+            mapping.release(self.queue).wait()  # the mapping, then the buffer
+            buf.release()
+        except (cl.Error, AttributeError) as e:
+            log.warning("releasing a pinned host buffer failed: %s", e)
+
+    def download_nowait(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> cl.Event:
+        """Enqueue a copy of ``out.nbytes`` bytes of ``buf`` from byte ``offset``
+        into ``out`` (pinned host memory) on ``queue``, after the commands
+        before it, and return its event without waiting.
+
+        Raises:
+            OutOfDeviceMemory, DeviceError: the copy could not be enqueued.
+        """
+        try:
+            return cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=False)
+        except cl.Error as e:
+            raise _translate(e, "reading a buffer", out.nbytes) from e
+
+    def upload_at_nowait(self, buf: cl.Buffer, data: np.ndarray, offset: int) -> cl.Event:
+        """Enqueue a copy of ``data`` into ``buf`` at byte ``offset``, a buffer
+        nothing else uses yet (on ``transfer_queue``), and return its event
+        without waiting: ``data`` must stay valid until it completes.
+
+        Raises:
+            OutOfDeviceMemory, DeviceError: the copy could not be enqueued.
+        """
+        try:
+            return cl.enqueue_copy(
+                self.transfer_queue,
+                buf,
+                data,
+                dst_offset=offset,
+                wait_for=self._after_unmap(buf),
+                is_blocking=False,
+            )
+        except cl.Error as e:
+            raise _translate(e, "writing a buffer", data.nbytes) from e
 
     @staticmethod
     def handle(buf: cl.Buffer) -> int:

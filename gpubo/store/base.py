@@ -51,10 +51,12 @@ from gpubo.store.entry import (
     FORMAT_VERSION,
     PAGE_BYTES,
     ChunkPlan,
+    Chunks,
     Durability,
     Entry,
     FsckReport,
     Hasher,
+    ViewChunks,
     batch_zero_flags,
     plan_chunks,
     scan_zero_pages,
@@ -69,10 +71,12 @@ __all__ = [
     "FORMAT_VERSION",
     "PAGE_BYTES",
     "ChunkPlan",
+    "Chunks",
     "Durability",
     "Entry",
     "FsckReport",
     "SwapStore",
+    "ViewChunks",
     "plan_chunks",
     "scan_zero_pages",
     "steps",
@@ -258,13 +262,16 @@ class SwapStore(RecordTable, ABC):
 
     @abstractmethod
     def _write_chunks(
-        self, key: int, extents: tuple[tuple[int, int], ...], src: memoryview, plans: list[ChunkPlan]
+        self, key: int, extents: tuple[tuple[int, int], ...], src: Chunks, plans: list[ChunkPlan]
     ) -> list[int | None]:
-        """Copy the planned pieces of ``src`` into place; per-chunk checksums."""
+        """Copy the planned pieces of ``src`` into place, chunk ``plan.index``
+        of ``src`` for each plan; per-chunk checksums."""
 
     @abstractmethod
-    def _read_chunks(self, entry: Entry, dst: memoryview, plans: list[ChunkPlan], label: str) -> None:
-        """Copy ``entry``'s stored bytes into ``dst`` and verify them."""
+    def _read_chunks(self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str) -> None:
+        """For each plan in order: fill chunk ``plan.index`` of ``dst`` with
+        its stored bytes and zero pages (:meth:`_zero_fill`), verify it, then
+        ``dst.filled(plan.index)``."""
 
     @abstractmethod
     def _unplace(self, entry: Entry) -> None:
@@ -353,7 +360,17 @@ class SwapStore(RecordTable, ABC):
                 for reading only; nothing was committed.
         """
         self._check_writable()
-        return self._write(src, src.nbytes, scan_zero_pages(src, src.nbytes))
+        return self._write(ViewChunks(src, src.nbytes), src.nbytes, scan_zero_pages(src, src.nbytes))
+
+    def write_chunks(self, source: Chunks, zero_pages: np.ndarray | None) -> Entry:
+        """Store ``source``'s bytes, pulled one chunk at a time, as a new
+        entry with one reference: for bytes that never sit whole in host
+        memory (a bounce buffer's worth at a time). ``zero_pages``: the
+        per-page "all zeros" flags, found beforehand (on the device), or None;
+        those pages are skipped. The entry is committed only after its last
+        chunk. Raises as :meth:`write`."""
+        self._check_writable()
+        return self._write(source, source.nbytes, zero_pages)
 
     def write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry]:
         """Store several entries at once: entry ``i`` holds the ``n`` bytes of
@@ -388,7 +405,7 @@ class SwapStore(RecordTable, ABC):
         done: list[Entry] = []
         try:
             for (off, n), zero in zip(layout, flags, strict=True):
-                done.append(self._write(src[off : off + n], n, zero))
+                done.append(self._write(ViewChunks(src[off : off + n], n), n, zero))
         except BaseException:
             for entry in done:
                 self._release_entry_quietly(entry)
@@ -443,7 +460,7 @@ class SwapStore(RecordTable, ABC):
             self._refs[key] = 1
         return entry
 
-    def _write(self, src: memoryview | None, nbytes: int, zero_flags: np.ndarray | None) -> Entry:
+    def _write(self, src: Chunks | None, nbytes: int, zero_flags: np.ndarray | None) -> Entry:
         plans = plan_chunks(nbytes, zero_flags)
         stored = sum(p.stored_bytes for p in plans)
         with self._lock:
@@ -488,13 +505,22 @@ class SwapStore(RecordTable, ABC):
                 ``offset`` names the chunk's first byte, ``label`` the owner.
             StoreError: the store failed.
         """
+        self.read_chunks(entry, ViewChunks(dst, entry.nbytes), label)
+
+    def read_chunks(self, entry: Entry, sink: Chunks, label: str) -> None:
+        """:meth:`read_into`, one chunk at a time: each chunk of ``sink`` is
+        filled (zero pages zero-filled), verified, then ``sink.filled(i)``
+        is called, in order. Raises as :meth:`read_into`; chunks before the
+        failing one were filled."""
         plans = plan_chunks(entry.nbytes, entry.zero_pages())
-        out = np.frombuffer(dst, np.uint8, count=entry.nbytes)
-        for plan in plans:
-            for start, end in plan.zeros:
-                out[start:end] = 0
-        if entry.stored_bytes:
-            self._read_chunks(entry, dst, plans, label)
+        self._read_chunks(entry, sink, plans, label)
+
+    @staticmethod
+    def _zero_fill(plan: ChunkPlan, out: np.ndarray) -> None:
+        """Zero the zero pages of ``plan`` in ``out``, its chunk's bytes."""
+        base = plan.index * CHUNK_BYTES
+        for start, end in plan.zeros:
+            out[start - base : end - base] = 0
 
     @contextlib.contextmanager
     def verified_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:

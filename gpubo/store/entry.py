@@ -12,7 +12,7 @@ import json
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
@@ -26,11 +26,13 @@ __all__ = [
     "HASH_STEP_BYTES",
     "PAGE_BYTES",
     "ChunkPlan",
+    "Chunks",
     "Durability",
     "Entry",
     "Extents",
     "FsckReport",
     "Hasher",
+    "ViewChunks",
     "batch_zero_flags",
     "no_zero_page_possible",
     "plan_chunks",
@@ -279,3 +281,34 @@ class FsckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+class Chunks(Protocol):
+    """An entry's bytes, one chunk at a time: what the store writes from or
+    reads into. ``chunk(i)`` is the memoryview of bytes ``[i * CHUNK_BYTES,
+    min((i + 1) * CHUNK_BYTES, nbytes))``, valid until the next call;
+    ``filled(i)`` says that chunk ``i`` of a read is complete and verified
+    (a writer ignores it). A store asks for chunks in order, but may start
+    again from the first (a retried write)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def chunk(self, index: int) -> memoryview: ...
+
+    def filled(self, index: int) -> None: ...
+
+
+class ViewChunks:
+    """:class:`Chunks` over one memoryview of the whole entry."""
+
+    def __init__(self, view: memoryview, nbytes: int) -> None:
+        self.view = view
+        self.nbytes = nbytes
+
+    def chunk(self, index: int) -> memoryview:
+        start = index * CHUNK_BYTES
+        return self.view[start : min(start + CHUNK_BYTES, self.nbytes)]
+
+    def filled(self, index: int) -> None:
+        pass

@@ -32,6 +32,7 @@ from gpubo.store.base import (
     CHUNK_BYTES,
     PAGE_BYTES,
     ChunkPlan,
+    Chunks,
     Durability,
     Entry,
     SwapStore,
@@ -177,7 +178,7 @@ class LmdbStore(SwapStore):
         return (), footprint
 
     def _write_chunks(
-        self, key: int, extents: tuple[tuple[int, int], ...], src: memoryview, plans: list[ChunkPlan]
+        self, key: int, extents: tuple[tuple[int, int], ...], src: Chunks, plans: list[ChunkPlan]
     ) -> list[int | None]:
         try:
             return self._put_chunks(key, src, plans, paged=False)
@@ -193,9 +194,7 @@ class LmdbStore(SwapStore):
                 f"store full: the LMDB map has no room for {src.nbytes} bytes", nbytes=src.nbytes
             ) from e
 
-    def _put_chunks(
-        self, key: int, src: memoryview, plans: list[ChunkPlan], *, paged: bool
-    ) -> list[int | None]:
+    def _put_chunks(self, key: int, src: Chunks, plans: list[ChunkPlan], *, paged: bool) -> list[int | None]:
         """One write transaction putting every planned chunk; per-chunk checksums.
 
         Raises:
@@ -211,16 +210,18 @@ class LmdbStore(SwapStore):
                     if not plan.stored_bytes:
                         sums.append(None)
                         continue
+                    chunk = src.chunk(plan.index)
+                    base = plan.index * CHUNK_BYTES
                     if len(plan.pieces) == 1:
                         start, end = plan.pieces[0]
-                        value = src[start:end]  # LMDB copies straight from the mapped buffer
+                        value = chunk[start - base : end - base]  # LMDB copies straight from it
                     else:  # zero pages inside the chunk: gather the rest (at most a chunk)
                         if scratch is None:
                             scratch = np.empty(CHUNK_BYTES, np.uint8)
-                        src_arr = np.frombuffer(src, np.uint8)
+                        chunk_arr = np.frombuffer(chunk, np.uint8)
                         pos = 0
                         for start, end in plan.pieces:
-                            scratch[pos : pos + end - start] = src_arr[start:end]
+                            scratch[pos : pos + end - start] = chunk_arr[start - base : end - base]
                             pos += end - start
                         value = memoryview(scratch.data)[:pos]
                     if paged:
@@ -273,13 +274,16 @@ class LmdbStore(SwapStore):
                 raise StoreError(f"writing a batch of {len(layout)} entries to the store failed: {e}") from e
             raise
 
-    def _read_chunks(self, entry: Entry, dst: memoryview, plans: list[ChunkPlan], label: str) -> None:
+    def _read_chunks(self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str) -> None:
         env = self._require_env()
-        out = np.frombuffer(dst, np.uint8, count=entry.nbytes)
         try:
             with env.begin(db=self._data_db, buffers=True) as txn:
                 for plan in plans:
+                    out = np.frombuffer(dst.chunk(plan.index), np.uint8)
+                    base = plan.index * CHUNK_BYTES
+                    self._zero_fill(plan, out)
                     if not plan.stored_bytes:
+                        dst.filled(plan.index)
                         continue
                     value = txn.get(_KEY.pack(entry.key, plan.index))
                     if value is None:
@@ -297,10 +301,12 @@ class LmdbStore(SwapStore):
                     for start, end in plan.pieces:
                         for done, step in steps(end - start, entry.checksums is not None):
                             at = pos + done
-                            np.copyto(out[start + done : start + done + step], stored[at : at + step])
+                            to = start - base + done
+                            np.copyto(out[to : to + step], stored[at : at + step])
                             hasher.add(value[at : at + step])
                         pos += end - start
                     self._verify(entry, plan, hasher, label)
+                    dst.filled(plan.index)
         except lmdb.Error as e:
             raise StoreError(f"reading {label} from the store failed: {e}") from e
 

@@ -37,6 +37,7 @@ from gpubo.store.base import (
     CHUNK_BYTES,
     PAGE_BYTES,
     ChunkPlan,
+    Chunks,
     Durability,
     Entry,
     SwapStore,
@@ -270,29 +271,30 @@ class SlotFileStore(SwapStore):
         return tuple(extents), nslots * PAGE_BYTES
 
     def _write_chunks(
-        self, key: int, extents: Extents, src: memoryview, plans: list[ChunkPlan]
+        self, key: int, extents: Extents, src: Chunks, plans: list[ChunkPlan]
     ) -> list[int | None]:
-        data = np.frombuffer(src, np.uint8)
         sums: list[int | None] = []
         for plan in plans:
             n = plan.stored_bytes
             if not n:
                 sums.append(None)
                 continue
+            chunk = src.chunk(plan.index)
+            base = plan.index * CHUNK_BYTES
             hasher = Hasher(self.checksums)
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
-                    self._write_direct(extents, plan, data)
+                    self._write_direct(extents, plan, np.frombuffer(chunk, np.uint8))
                     hasher.add(memoryview(self._bounce)[:n])
                     sums.append(hasher.digest())
                 continue
             segs = list(_segments(extents, plan.stream_offset, n))
-            pieces = [(s, e - s) for s, e in plan.pieces]
+            pieces = [(s - base, e - s) for s, e in plan.pieces]
             for src_off, file_off, length in _zip(pieces, segs):
                 # pwrite, not a copy into the mapping: writing through the map
                 # takes a page fault per 4 KiB page once the file was written back.
                 for done, step in steps(length, self.checksums):
-                    piece = src[src_off + done : src_off + done + step]
+                    piece = chunk[src_off + done : src_off + done + step]
                     self._pwrite_all(piece, file_off + done)
                     hasher.add(piece)
             sums.append(hasher.digest())
@@ -361,10 +363,12 @@ class SlotFileStore(SwapStore):
         except OSError as e:
             raise StoreError(f"writing to the slot file failed: {e}") from e
 
-    def _write_direct(self, extents: Extents, plan: ChunkPlan, data: np.ndarray) -> None:
+    def _write_direct(self, extents: Extents, plan: ChunkPlan, chunk: np.ndarray) -> None:
+        """Write ``plan``'s stored bytes (``chunk`` holds its chunk) with O_DIRECT."""
+        base = plan.index * CHUNK_BYTES
         pos = 0
         for start, end in plan.pieces:
-            self._bounce_arr[pos : pos + end - start] = data[start:end]
+            self._bounce_arr[pos : pos + end - start] = chunk[start - base : end - base]
             pos += end - start
         padded = -(-pos // PAGE_BYTES) * PAGE_BYTES
         self._bounce_arr[pos:padded] = 0
@@ -379,14 +383,17 @@ class SlotFileStore(SwapStore):
         except OSError as e:
             raise StoreError(f"O_DIRECT write to the slot file failed: {e}") from e
 
-    def _read_chunks(self, entry: Entry, dst: memoryview, plans: list[ChunkPlan], label: str) -> None:
-        out = np.frombuffer(dst, np.uint8, count=entry.nbytes)
+    def _read_chunks(self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str) -> None:
         for plan in plans:
+            out = np.frombuffer(dst.chunk(plan.index), np.uint8)
+            self._zero_fill(plan, out)
             n = plan.stored_bytes
             if not n:
+                dst.filled(plan.index)
                 continue
+            base = plan.index * CHUNK_BYTES
             hasher = Hasher(entry.checksums is not None)
-            pieces = [(s, e - s) for s, e in plan.pieces]
+            pieces = [(s - base, e - s) for s, e in plan.pieces]
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
                     self._read_direct(entry.extents, plan)
@@ -395,6 +402,7 @@ class SlotFileStore(SwapStore):
                         np.copyto(out[dst_off : dst_off + length], chunk)
                     hasher.add(memoryview(self._bounce)[:n])
                     self._verify(entry, plan, hasher, label)
+                dst.filled(plan.index)
                 continue
             else:
                 segs = list(_segments(entry.extents, plan.stream_offset, n))
@@ -404,6 +412,7 @@ class SlotFileStore(SwapStore):
                         np.copyto(out[dst_off + done : dst_off + done + step], self._slots[at : at + step])
                         hasher.add(self._view[at : at + step])
             self._verify(entry, plan, hasher, label)
+            dst.filled(plan.index)
 
     @contextlib.contextmanager
     def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:

@@ -1,0 +1,215 @@
+"""The two transfer strategies: ``map`` (map the device buffer) and
+``bounce`` (stream through a few pinned host buffers, never mapping a
+device buffer), on the real PoCL device and real stores."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import check_budget, pattern
+
+import gpubo
+from gpubo.store.base import scan_zero_pages
+
+KiB = 1 << 10
+MiB = 1 << 20
+MakeMgr = Callable[..., gpubo.Manager]
+
+#: Sizes around the chunk (1 MiB) and the bounce buffer (2 MiB here).
+SIZES = [1, 4095, 4096 * 3 + 7, MiB - 1, MiB, MiB + 1, 2 * MiB, 2 * MiB + 4097, 5 * MiB + 123]
+
+
+class Calls:
+    """Observes a manager's backend (every call goes through) and counts
+    the calls by name."""
+
+    def __init__(self, m: gpubo.Manager) -> None:
+        self.counts: dict[str, int] = {}
+        real = m.backend
+        calls = self
+
+        class Observed:
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(real, name)
+                if not callable(attr):
+                    return attr
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    calls.counts[name] = calls.counts.get(name, 0) + 1
+                    return attr(*args, **kwargs)
+
+                return call
+
+            def __setattr__(self, name: str, value: Any) -> None:
+                setattr(real, name, value)
+
+        m.backend = Observed()  # type: ignore[assignment]
+
+
+def _with_zero_pages(n: int, seed: int) -> np.ndarray:
+    data = pattern(n, seed)
+    data[: min(n, 8192)] = 0  # whole zero pages at the start
+    return data
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+@pytest.mark.parametrize("checksums", [True, False])
+def test_bounce_round_trips_every_size(make_mgr: MakeMgr, backend: str, checksums: bool) -> None:
+    m = make_mgr(
+        budget="16MiB",
+        store_size="128MiB",
+        store_backend=backend,
+        checksums=checksums,
+        transfer="bounce",
+        bounce_buffers=2,
+        bounce_size="2MiB",
+    )
+    assert m.stats().transfer == "bounce" and "transfer=bounce" in repr(m)
+    for i, n in enumerate(SIZES):
+        data = _with_zero_pages(n, i) if i % 2 else pattern(n, i)
+        bo = m.alloc(n)
+        bo.write(data)
+        bo.evict()
+        assert bo.state is gpubo.State.SWAPPED
+        assert np.array_equal(bo.read(), data), f"{n} bytes"
+        bo.write(pattern(n, 100 + i))  # dirty again: the next eviction copies
+        bo.evict()
+        assert np.array_equal(bo.read(), pattern(n, 100 + i)), f"{n} bytes, second round"
+        bo.free()
+    check_budget(m)
+
+
+def test_bounce_never_maps_a_device_buffer_for_a_large_bo(make_mgr: MakeMgr) -> None:
+    """An 8 MiB BO evicted and restored through 2 buffers of 1 MiB: every
+    range is a non-blocking copy, and no map of a device buffer happens."""
+    m = make_mgr(budget="16MiB", store_size="64MiB", transfer="bounce", bounce_buffers=2, bounce_size="1MiB")
+    data = pattern(8 * MiB, 3)
+    bo = m.alloc(data.nbytes)
+    bo.write(data)
+    calls = Calls(m)
+    bo.evict()
+    bo.restore()
+    assert np.array_equal(bo.read(), data)
+    assert calls.counts.get("map_read", 0) == 0 and calls.counts.get("map_write", 0) == 0, calls.counts
+    assert calls.counts["download_nowait"] == 8 and calls.counts["upload_at_nowait"] == 8, calls.counts
+
+
+def test_map_is_the_default_on_unified_memory(make_mgr: MakeMgr, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPUBO_TRANSFER", raising=False)
+    m = make_mgr()
+    assert m.backend.host_unified_memory  # PoCL's CPU device
+    assert m.stats().transfer == "map" and "transfer=map" in repr(m)
+
+
+def test_the_environment_chooses_when_the_argument_does_not(
+    make_mgr: MakeMgr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUBO_TRANSFER", "bounce")
+    assert make_mgr().stats().transfer == "bounce"
+    assert make_mgr(transfer="map").stats().transfer == "map"  # the argument wins
+
+
+def test_bounce_eviction_allocates_no_host_memory_in_the_bo_size(make_mgr: MakeMgr) -> None:
+    """64 MiB evicted and restored through 4 buffers of 1 MiB (allocated when
+    the manager opened): Python's allocations during the moves stay far below
+    even one buffer."""
+    m = make_mgr(budget="80MiB", store_size="256MiB", transfer="bounce", bounce_buffers=4, bounce_size="1MiB")
+    bo = m.alloc(64 * MiB)
+    bo.write(np.full(64 * MiB, 7, np.uint8))
+    tracemalloc.start()
+    try:
+        bo.evict()
+        bo.restore()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * KiB, f"peak {peak} bytes of host allocations while moving 64 MiB"
+    assert bo.read(count=16, offset=32 * MiB).tolist() == [7] * 16
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+def test_a_flipped_byte_is_caught_on_a_bounce_restore(
+    tmp_path: Path, make_mgr: MakeMgr, backend: str
+) -> None:
+    store = tmp_path / "s"
+    m = make_mgr(
+        budget="16MiB", store=str(store), store_size="64MiB", store_backend=backend, transfer="bounce"
+    )
+    data = pattern(3 * MiB, 9)  # more than a chunk: streamed back, not lent
+    bo = m.alloc(data.nbytes)
+    bo.write(data)
+    bo.evict()
+    path = store / ("slots.bin" if backend == "slotfile" else "data.mdb")
+    raw = path.read_bytes()
+    needle = data[2 * MiB : 2 * MiB + 64].tobytes()
+    at = raw.find(needle)
+    assert at >= 0, "the evicted bytes are not in the store's file"
+    with open(path, "r+b") as f:
+        f.seek(at + 10)
+        f.write(bytes([raw[at + 10] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+    with pytest.raises(gpubo.IntegrityError) as info:
+        bo.restore()
+    assert info.value.offset == 2 * MiB
+    assert bo.state is gpubo.State.SWAPPED
+    check_budget(m)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"transfer": "dma"}, ValueError, "transfer must be one of auto, map, bounce"),
+        ({"transfer": 3}, TypeError, "transfer must be a str"),
+        ({"transfer": "bounce", "bounce_buffers": 1}, ValueError, "bounce_buffers must be >= 2"),
+        ({"transfer": "bounce", "bounce_size": "1536KiB"}, ValueError, "multiple of 1 MiB"),
+        ({"transfer": "bounce", "bounce_size": "lots"}, ValueError, "bounce_size"),
+    ],
+)
+def test_bad_transfer_arguments_are_refused_and_leave_nothing_open(
+    tmp_path: Path, leak_check: None, kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        gpubo.Manager("4MiB", store=str(tmp_path / "s"), store_size="16MiB", **kwargs)  # type: ignore[arg-type]
+    m = gpubo.Manager(
+        "4MiB", store=str(tmp_path / "s"), store_size="16MiB"
+    )  # the store was closed: not locked
+    m.close()
+
+
+@pytest.mark.parametrize("n", [1, 4096, 4097, 3 * 4096 - 5, 64 * KiB, MiB + 4096 * 3 + 11])
+def test_device_zero_pages_match_the_host_scan(mgr: gpubo.Manager, n: int) -> None:
+    """The bounce path finds zero pages on the device; they must be exactly
+    the pages the host scan finds (a store written either way reads the same)."""
+    rng = np.random.default_rng(n)
+    data = rng.integers(0, 256, n, dtype=np.uint8)
+    npages = -(-n // 4096)
+    for page in rng.choice(npages, size=max(1, npages // 2), replace=False):
+        data[page * 4096 : (page + 1) * 4096] = 0
+    if npages > 1:
+        data[4096 + 4095 if n > 8191 else n - 1] = 1  # a lone non-zero byte at a page's end
+    bo = mgr.alloc(n)
+    bo.write(data)
+    with bo.pin() as buf:
+        device = mgr.backend.zero_pages(buf, n)
+    host = scan_zero_pages(memoryview(data), n)
+    assert (device is None) == (host is None)
+    if host is not None:
+        assert device is not None and device.tolist() == host.tolist()
+
+
+def test_a_bounce_eviction_stores_no_zero_page(make_mgr: MakeMgr) -> None:
+    m = make_mgr(budget="16MiB", store_size="64MiB", transfer="bounce", bounce_buffers=2, bounce_size="1MiB")
+    data = np.zeros(3 * MiB, np.uint8)
+    data[MiB : MiB + 5] = 9  # one non-zero page
+    bo = m.alloc(data.nbytes)
+    bo.write(data)
+    bo.evict()
+    assert bo.entry is not None and bo.entry.stored_bytes == 4096
+    assert np.array_equal(bo.read(), data)
