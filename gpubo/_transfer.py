@@ -269,8 +269,10 @@ class BounceTransfer(MapTransfer):
                     stream = _Uploads(self, buf, entry.nbytes)
                     try:
                         self.store.read_chunks(entry, stream, label)
-                    finally:
-                        stream.finish()
+                    except BaseException:
+                        stream.abandon()  # the store's error is the one to raise
+                        raise
+                    stream.finish()
 
     def close(self) -> None:
         pinned, self._pinned = self._pinned, []
@@ -302,11 +304,16 @@ class _Stream:
         end = min(start + CHUNK_BYTES, self._range_bytes(r))
         return memoryview(self._array(r).data)[start:end]
 
-    def finish(self) -> None:
-        """Wait for every copy still in flight (also after a failure)."""
+    def abandon(self) -> None:
+        """Wait for every copy still in flight, after a failure (their own
+        errors are not the one to report)."""
         events, self.events = list(self.events.values()), {}
-        with contextlib.suppress(GpuboError):  # a failed copy raised where it was used
+        with contextlib.suppress(GpuboError):
             self.bounce.backend.wait(events)
+
+    def finish(self) -> None:
+        """Wait for every copy still in flight (a failed one raised where it was used)."""
+        self.abandon()
 
 
 class _Downloads(_Stream):
