@@ -261,6 +261,31 @@ def check_counted(counter: CountingBackend, closed: bool) -> None:
         assert counter.live_bytes == 0, f"{counter.live_bytes} device bytes still allocated after close"
 
 
+def observe_backend(m: gpubo.Manager, before: Callable[[str, tuple[Any, ...], dict[str, Any]], None]) -> Any:
+    """Put an observer over ``m``'s backend: every call goes to the real one,
+    after ``before(name, args, kwargs)`` (which may count it, or hold it
+    back). Returns the real backend."""
+    real = m.backend
+
+    class Observed:
+        def __getattr__(self, name: str) -> Any:
+            attr = getattr(real, name)
+            if not callable(attr):
+                return attr
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                before(name, args, kwargs)
+                return attr(*args, **kwargs)
+
+            return call
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            setattr(real, name, value)
+
+    m.backend = Observed()  # type: ignore[assignment]
+    return real
+
+
 class Gate:
     """A ``UserEvent`` that a gated launch waits for: the kernel cannot start,
     so its BOs stay busy for as long as the test needs, on any device.
@@ -305,30 +330,20 @@ class Gate:
         return self.opened_by is not None
 
     def _observe(self, m: gpubo.Manager) -> None:
-        real = m.backend
         gate = self
+        real: Any = None
 
-        class Observed:
-            def __getattr__(self, name: str) -> Any:
-                attr = getattr(real, name)
-                if not callable(attr) or name in Gate._NON_BLOCKING:
-                    return attr
+        def before(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if name in Gate._NON_BLOCKING:
+                return
+            if name == "wait":
+                events = args[0] if args else kwargs.get("events", [])
+                if any(not real.is_complete(ev) for ev in events):
+                    gate.open(by="wait")
+            else:
+                gate.open(by=name)
 
-                def call(*args: Any, **kwargs: Any) -> Any:
-                    if name == "wait":
-                        events = args[0] if args else kwargs.get("events", [])
-                        if any(not real.is_complete(ev) for ev in events):
-                            gate.open(by="wait")
-                    else:
-                        gate.open(by=name)
-                    return attr(*args, **kwargs)
-
-                return call
-
-            def __setattr__(self, name: str, value: Any) -> None:
-                setattr(real, name, value)
-
-        m.backend = Observed()  # type: ignore[assignment]
+        real = observe_backend(m, before)
 
 
 def gated_launch(m: gpubo.Manager, kernel: cl.Kernel, global_size: Any, *args: Any) -> tuple[cl.Event, Gate]:

@@ -20,7 +20,16 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
-from conftest import AXPY_SRC, INC_SRC, SLOW_SRC, check_budget, gated_launch, pattern, slow_expected
+from conftest import (
+    AXPY_SRC,
+    INC_SRC,
+    SLOW_SRC,
+    check_budget,
+    gated_launch,
+    observe_backend,
+    pattern,
+    slow_expected,
+)
 
 import gpubo
 from gpubo import State
@@ -720,28 +729,14 @@ class HoldPrefetch:
     def __init__(self, m: gpubo.Manager) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        real = m.backend
-        hold = self
 
-        class Observed:
-            def __getattr__(self, name: str) -> Any:
-                attr = getattr(real, name)
-                if not callable(attr):
-                    return attr
+        def before(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            prefetching = threading.current_thread().name.startswith("gpubo-prefetch")
+            if prefetching and not self.entered.is_set():
+                self.entered.set()
+                assert self.release.wait(60), "the test never released the prefetch"
 
-                def call(*args: Any, **kwargs: Any) -> Any:
-                    prefetching = threading.current_thread().name.startswith("gpubo-prefetch")
-                    if prefetching and not hold.entered.is_set():
-                        hold.entered.set()
-                        assert hold.release.wait(60), "the test never released the prefetch"
-                    return attr(*args, **kwargs)
-
-                return call
-
-            def __setattr__(self, name: str, value: Any) -> None:
-                setattr(real, name, value)
-
-        m.backend = Observed()  # type: ignore[assignment]
+        observe_backend(m, before)
 
 
 def test_prefetch_freed_while_queued(mgr: gpubo.Manager) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import check_budget, pattern
+from conftest import check_budget, observe_backend, pattern
 
 import gpubo
 from gpubo.store.base import scan_zero_pages
@@ -31,25 +31,11 @@ class Calls:
 
     def __init__(self, m: gpubo.Manager) -> None:
         self.counts: dict[str, int] = {}
-        real = m.backend
-        calls = self
 
-        class Observed:
-            def __getattr__(self, name: str) -> Any:
-                attr = getattr(real, name)
-                if not callable(attr):
-                    return attr
+        def before(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.counts[name] = self.counts.get(name, 0) + 1
 
-                def call(*args: Any, **kwargs: Any) -> Any:
-                    calls.counts[name] = calls.counts.get(name, 0) + 1
-                    return attr(*args, **kwargs)
-
-                return call
-
-            def __setattr__(self, name: str, value: Any) -> None:
-                setattr(real, name, value)
-
-        m.backend = Observed()  # type: ignore[assignment]
+        observe_backend(m, before)
 
 
 def _with_zero_pages(n: int, seed: int) -> np.ndarray:
