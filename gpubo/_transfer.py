@@ -38,7 +38,6 @@ __all__ = [
     "make_transfer",
     "read_bytes",
     "replace_bytes",
-    "swap_in",
     "swap_in_batch",
     "swap_out",
     "swap_out_batch",
@@ -104,17 +103,6 @@ def swap_out_batch(
     end = max(off + n for off, n in layout)
     with backend.map_read(staging, -(-end // PAGE_BYTES) * PAGE_BYTES) as view:
         return store.write_batch(view, layout)
-
-
-def swap_in(backend: Backend, store: SwapStore, entry: Entry, buf: Any, label: str) -> None:
-    """Overwrite ``buf`` with ``entry``'s verified bytes.
-
-    Raises:
-        IntegrityError: the stored bytes fail verification; ``buf``'s content
-            is then undefined and the entry is left as it was.
-        StoreError, DeviceError, OutOfDeviceMemory: the copy failed.
-    """
-    swap_in_batch(backend, store, [(entry, buf, label)])
 
 
 def swap_in_batch(backend: Backend, store: SwapStore, parts: Sequence[tuple[Entry, Any, str]]) -> None:
