@@ -11,6 +11,12 @@ Pages that are all zeros are not stored (a zero map per entry, as in Linux
 6.12's swap zeromap); a chunk's *stored bytes* are its non-zero pages in
 order, and its xxh3-64 checksum covers them. Checksums are computed right
 after each chunk is copied, while it is in cache, and verified on every read.
+An entry may instead carry checksums computed elsewhere (on the device,
+before its bytes left it: :data:`~gpubo.store.entry.PAGE_DIGESTS`, which
+cover the chunk's bytes as the BO holds them); a read verifies those too,
+on the host, unless its caller verifies them where the bytes land
+(``verify=False``). Each entry records which kind it has, so a store
+written with either kind is read with either setting.
 
 Backends decide where stored bytes live (:mod:`gpubo.store.lmdb_store`,
 :mod:`gpubo.store.slotfile`); metadata (the format version and the named
@@ -50,6 +56,8 @@ from gpubo.store.entry import (
     FORMAT_KEY,
     FORMAT_VERSION,
     PAGE_BYTES,
+    PAGE_DIGESTS,
+    XXH3,
     ChunkPlan,
     Chunks,
     Durability,
@@ -58,6 +66,7 @@ from gpubo.store.entry import (
     Hasher,
     ViewChunks,
     batch_zero_flags,
+    page_digest,
     plan_chunks,
     scan_zero_pages,
     steps,
@@ -97,7 +106,10 @@ class SwapStore(RecordTable, ABC):
         path: store directory (created, mode 0700, if missing); None for a
             private temporary directory deleted by :meth:`close`.
         size_bytes: the store's size (its data file is preallocated).
-        checksums: keep and verify an xxh3-64 per chunk.
+        checksums: keep a checksum per chunk (an xxh3-64 computed here as
+            the bytes are copied, or the digests a writer computed on the
+            device: :meth:`write_chunks`). Reads verify what each entry
+            holds, whatever this says.
         durability: a :class:`Durability` or its value.
         reclaim: drop what a dead process left (anonymous entries) at open;
             ``False`` keeps it, for :meth:`fsck` to report.
@@ -262,16 +274,26 @@ class SwapStore(RecordTable, ABC):
 
     @abstractmethod
     def _write_chunks(
-        self, key: int, extents: tuple[tuple[int, int], ...], src: Chunks, plans: list[ChunkPlan]
+        self,
+        key: int,
+        extents: tuple[tuple[int, int], ...],
+        src: Chunks,
+        plans: list[ChunkPlan],
+        hashed: bool,
     ) -> list[int | None]:
         """Copy the planned pieces of ``src`` into place, chunk ``plan.index``
-        of ``src`` for each plan; per-chunk checksums."""
+        of ``src`` for each plan; the xxh3-64 of each chunk's stored bytes
+        when ``hashed`` (else Nones)."""
 
     @abstractmethod
-    def _read_chunks(self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str) -> None:
+    def _read_chunks(
+        self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
+    ) -> None:
         """For each plan in order: fill chunk ``plan.index`` of ``dst`` with
-        its stored bytes and zero pages (:meth:`_zero_fill`), verify it, then
-        ``dst.filled(plan.index)``."""
+        its stored bytes and zero pages (:meth:`_zero_fill`), verify it
+        (:meth:`_verify`; :meth:`_hashes_stream` says whether to feed its
+        stored bytes to a :class:`Hasher` as they are copied) unless not
+        ``verify``, then ``dst.filled(plan.index)``."""
 
     @abstractmethod
     def _unplace(self, entry: Entry) -> None:
@@ -362,15 +384,28 @@ class SwapStore(RecordTable, ABC):
         self._check_writable()
         return self._write(ViewChunks(src, src.nbytes), src.nbytes, scan_zero_pages(src, src.nbytes))
 
-    def write_chunks(self, source: Chunks, zero_pages: np.ndarray | None) -> Entry:
+    def write_chunks(
+        self, source: Chunks, zero_pages: np.ndarray | None, digests: Sequence[int] | None = None
+    ) -> Entry:
         """Store ``source``'s bytes, pulled one chunk at a time, as a new
         entry with one reference: for bytes that never sit whole in host
         memory (a bounce buffer's worth at a time). ``zero_pages``: the
         per-page "all zeros" flags, found beforehand (on the device), or None;
-        those pages are skipped. The entry is committed only after its last
-        chunk. Raises as :meth:`write`."""
+        those pages are skipped. ``digests``: the chunks'
+        :data:`~gpubo.store.entry.PAGE_DIGESTS`, computed beforehand (on the
+        device), kept as the entry's checksums instead of hashing here
+        (ignored when the store keeps no checksums). The entry is committed
+        only after its last chunk.
+
+        Raises:
+            ValueError: ``digests`` is not one per chunk.
+            StoreFull, StoreError: as :meth:`write`.
+        """
         self._check_writable()
-        return self._write(source, source.nbytes, zero_pages)
+        nchunks = -(-source.nbytes // CHUNK_BYTES)
+        if digests is not None and len(digests) != nchunks:
+            raise ValueError(f"{len(digests)} digests for {nchunks} chunks of {source.nbytes} bytes")
+        return self._write(source, source.nbytes, zero_pages, digests)
 
     def write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry]:
         """Store several entries at once: entry ``i`` holds the ``n`` bytes of
@@ -460,8 +495,15 @@ class SwapStore(RecordTable, ABC):
             self._refs[key] = 1
         return entry
 
-    def _write(self, src: Chunks | None, nbytes: int, zero_flags: np.ndarray | None) -> Entry:
+    def _write(
+        self,
+        src: Chunks | None,
+        nbytes: int,
+        zero_flags: np.ndarray | None,
+        digests: Sequence[int] | None = None,
+    ) -> Entry:
         plans = plan_chunks(nbytes, zero_flags)
+        hashing = XXH3 if digests is None else PAGE_DIGESTS
         stored = sum(p.stored_bytes for p in plans)
         with self._lock:
             key = self._next_key
@@ -471,9 +513,11 @@ class SwapStore(RecordTable, ABC):
         try:
             if stored:
                 assert src is not None
-                sums = self._write_chunks(key, extents, src, plans)
+                sums = self._write_chunks(key, extents, src, plans, self.checksums and digests is None)
             else:
                 sums = [None] * len(plans)
+            if digests is not None:  # a chunk with nothing stored is zeros: nothing to verify
+                sums = [None if not p.stored_bytes else int(d) for p, d in zip(plans, digests, strict=True)]
             entry = Entry(
                 key=key,
                 nbytes=nbytes,
@@ -482,6 +526,7 @@ class SwapStore(RecordTable, ABC):
                 checksums=tuple(sums) if self.checksums else None,
                 zeromap=None if zero_flags is None else np.packbits(zero_flags).tobytes(),
                 extents=extents,
+                hashing=hashing,
             )
             if self.durability is Durability.SYNC:
                 self._flush(entry)
@@ -497,23 +542,26 @@ class SwapStore(RecordTable, ABC):
                 self._cached_bytes += stored
         return entry
 
-    def read_into(self, entry: Entry, dst: memoryview, label: str) -> None:
-        """Copy ``entry``'s bytes into ``dst`` (zero pages zero-filled) and verify them.
+    def read_into(self, entry: Entry, dst: memoryview, label: str, *, verify: bool = True) -> None:
+        """Copy ``entry``'s bytes into ``dst`` (zero pages zero-filled) and
+        verify them (``verify=False``: the caller verifies ``entry``'s
+        :data:`~gpubo.store.entry.PAGE_DIGESTS` itself, where the bytes
+        land; an entry of the other kind is verified here anyway).
 
         Raises:
             IntegrityError: stored bytes are missing or fail their checksum;
                 ``offset`` names the chunk's first byte, ``label`` the owner.
             StoreError: the store failed.
         """
-        self.read_chunks(entry, ViewChunks(dst, entry.nbytes), label)
+        self.read_chunks(entry, ViewChunks(dst, entry.nbytes), label, verify=verify)
 
-    def read_chunks(self, entry: Entry, sink: Chunks, label: str) -> None:
+    def read_chunks(self, entry: Entry, sink: Chunks, label: str, *, verify: bool = True) -> None:
         """:meth:`read_into`, one chunk at a time: each chunk of ``sink`` is
         filled (zero pages zero-filled), verified, then ``sink.filled(i)``
         is called, in order. Raises as :meth:`read_into`; chunks before the
         failing one were filled."""
         plans = plan_chunks(entry.nbytes, entry.zero_pages())
-        self._read_chunks(entry, sink, plans, label)
+        self._read_chunks(entry, sink, plans, label, verify or entry.hashing != PAGE_DIGESTS)
 
     @staticmethod
     def _zero_fill(plan: ChunkPlan, out: np.ndarray) -> None:
@@ -539,11 +587,12 @@ class SwapStore(RecordTable, ABC):
 
     @contextlib.contextmanager
     def verified_views(
-        self, entries: Sequence[Entry], labels: Sequence[str]
+        self, entries: Sequence[Entry], labels: Sequence[str], *, verify: bool = True
     ) -> Iterator[list[memoryview | None]]:
         """:meth:`verified_view` of several entries at once (one LMDB read
         transaction for all): every view is verified before any is lent, and
-        all stay valid until the ``with`` block ends.
+        all stay valid until the ``with`` block ends. ``verify=False``: as
+        for :meth:`read_into`.
 
         Raises:
             IntegrityError: an entry's bytes are missing or fail their
@@ -559,10 +608,10 @@ class SwapStore(RecordTable, ABC):
         with self._stored_views([entries[i] for i in lendable], [labels[i] for i in lendable]) as lent:
             for i, view in zip(lendable, lent, strict=True):
                 entry = entries[i]
-                if view is not None and entry.checksums is not None:
-                    hasher = Hasher()
+                if view is not None and (verify or entry.hashing != PAGE_DIGESTS):
+                    hasher = Hasher(self._hashes_stream(entry, True))
                     hasher.add(view)
-                    self._verify(entry, plan_chunks(entry.nbytes, None)[0], hasher, labels[i])
+                    self._verify(entry, plan_chunks(entry.nbytes, None)[0], hasher, labels[i], view)
                 views[i] = view
             yield views
 
@@ -582,10 +631,31 @@ class SwapStore(RecordTable, ABC):
         """The unverified view of one entry, or None (the backend has none)."""
         yield None
 
-    def _verify(self, entry: Entry, plan: ChunkPlan, hasher: Hasher, label: str) -> None:
+    @staticmethod
+    def _hashes_stream(entry: Entry, verify: bool) -> bool:
+        """Whether a read of ``entry`` hashes its stored bytes as it copies them."""
+        return verify and entry.checksums is not None and entry.hashing == XXH3
+
+    def _verify(
+        self, entry: Entry, plan: ChunkPlan, hasher: Hasher, label: str, filled: memoryview | np.ndarray
+    ) -> None:
+        """Check chunk ``plan`` of ``entry``: ``hasher`` fed its stored bytes
+        (:data:`~gpubo.store.entry.XXH3`), or ``filled``, the chunk as the
+        BO holds it (:data:`~gpubo.store.entry.PAGE_DIGESTS`).
+
+        Raises:
+            IntegrityError: it fails its checksum.
+        """
         if entry.checksums is None:
             return
-        if hasher.digest() != entry.checksums[plan.index]:
+        want = entry.checksums[plan.index]
+        if entry.hashing == XXH3:
+            got = hasher.digest()
+        elif want is None:
+            return
+        else:
+            got = page_digest(filled)
+        if got != want:
             offset = plan.index * CHUNK_BYTES
             raise IntegrityError(
                 f"{label}: checksum mismatch in the store at byte {offset} (chunk {plan.index})",

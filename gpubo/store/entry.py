@@ -25,6 +25,8 @@ __all__ = [
     "GENERATION_KEY",
     "HASH_STEP_BYTES",
     "PAGE_BYTES",
+    "PAGE_DIGESTS",
+    "XXH3",
     "ChunkPlan",
     "Chunks",
     "Durability",
@@ -35,6 +37,7 @@ __all__ = [
     "ViewChunks",
     "batch_zero_flags",
     "no_zero_page_possible",
+    "page_digest",
     "plan_chunks",
     "scan_zero_pages",
     "steps",
@@ -49,7 +52,17 @@ PAGE_BYTES = 4096
 _PAGES_PER_CHUNK = CHUNK_BYTES // PAGE_BYTES
 _SMALL_SCAN_BYTES = 64 * PAGE_BYTES
 #: Bump when the on-disk layout changes; a store of another version is refused.
-FORMAT_VERSION = 3
+#: 4: an entry records how its checksums were computed (``hash``).
+FORMAT_VERSION = 4
+#: Checksums of an entry: the xxh3-64 of each chunk's stored bytes (computed
+#: on the host as they are copied).
+XXH3 = "xxh3"
+#: Checksums of an entry: per chunk, the XXH64 of the little-endian XXH64s of
+#: its pages (4 KiB, the last one possibly short), zero pages included, over
+#: the chunk's bytes as the BO holds them. A device computes them where the
+#: bytes are (see :func:`page_digest` for the host's bit-identical version).
+PAGE_DIGESTS = "xxh64-pages"
+_HASHINGS = (XXH3, PAGE_DIGESTS)
 Extents = tuple[tuple[int, int], ...]
 FORMAT_KEY = b"format"
 GENERATION_KEY = b"generation"
@@ -69,8 +82,9 @@ class Entry:
     """An immutable run of stored bytes: one BO's content at one moment.
 
     ``footprint`` is the store capacity it occupies; ``stored_bytes`` the
-    non-zero bytes kept; ``checksums`` one xxh3-64 per chunk (None for a
-    chunk with no stored bytes) or None when checksums are off; ``zeromap``
+    non-zero bytes kept; ``checksums`` one per chunk (None for a chunk with
+    no stored bytes) or None when checksums are off, of the kind ``hashing``
+    names (:data:`XXH3` or :data:`PAGE_DIGESTS`); ``zeromap``
     ``numpy.packbits`` of the per-page "all zeros" flags, or None when no page
     is zero; ``extents`` the slot runs ``(first slot, count)`` (slotfile).
     """
@@ -82,6 +96,7 @@ class Entry:
     checksums: tuple[int | None, ...] | None
     zeromap: bytes | None
     extents: tuple[tuple[int, int], ...] = ()
+    hashing: str = XXH3
 
     def zero_pages(self) -> np.ndarray | None:
         """The per-page zero flags, or None when no page is zero."""
@@ -102,6 +117,7 @@ class Entry:
             "checksums": None if self.checksums is None else list(self.checksums),
             "zeromap": None if self.zeromap is None else base64.b64encode(self.zeromap).decode(),
             "extents": [list(e) for e in self.extents],
+            "hash": self.hashing,
         }
         body = json.dumps(rec, separators=(",", ":")).encode()
         return body + b"#" + b"%016x" % _record_digest(name, body)
@@ -126,9 +142,12 @@ class Entry:
                 checksums=None if rec["checksums"] is None else tuple(rec["checksums"]),
                 zeromap=None if rec["zeromap"] is None else base64.b64decode(rec["zeromap"]),
                 extents=tuple((int(a), int(b)) for a, b in rec["extents"]),
+                hashing=str(rec["hash"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed entry record: {e}") from e
+        if entry.hashing not in _HASHINGS:
+            raise ValueError(f"malformed entry record: unknown checksum kind {entry.hashing!r}")
         if entry.nbytes <= 0 or entry.key <= 0 or not 0 <= entry.stored_bytes <= entry.nbytes:
             raise ValueError(f"malformed entry record: sizes {entry.nbytes}/{entry.stored_bytes}")
         return entry
@@ -236,6 +255,19 @@ def batch_zero_flags(src: memoryview, layout: Sequence[tuple[int, int]]) -> list
     if aligned and no_zero_page_possible(src, src.nbytes):
         return [None] * len(layout)
     return [scan_zero_pages(src[off : off + n], n) for off, n in layout]
+
+
+def page_digest(chunk: memoryview | np.ndarray) -> int:
+    """The :data:`PAGE_DIGESTS` checksum of one chunk's bytes ``chunk`` (as
+    the BO holds them, zero pages in place), computed on the host: bit for
+    bit what the device computes (see
+    :meth:`gpubo.backends.opencl.OpenCLBackend.chunk_digests`)."""
+    view = memoryview(chunk).cast("B")  # type: ignore[arg-type]
+    n = view.nbytes
+    sums = np.empty(-(-n // PAGE_BYTES), "<u8")
+    for page, start in enumerate(range(0, n, PAGE_BYTES)):
+        sums[page] = xxhash.xxh64_intdigest(view[start : start + PAGE_BYTES])
+    return int(xxhash.xxh64_intdigest(sums.tobytes()))
 
 
 class Hasher:

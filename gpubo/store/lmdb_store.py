@@ -178,24 +178,32 @@ class LmdbStore(SwapStore):
         return (), footprint
 
     def _write_chunks(
-        self, key: int, extents: tuple[tuple[int, int], ...], src: Chunks, plans: list[ChunkPlan]
+        self,
+        key: int,
+        extents: tuple[tuple[int, int], ...],
+        src: Chunks,
+        plans: list[ChunkPlan],
+        hashed: bool,
     ) -> list[int | None]:
         try:
-            return self._put_chunks(key, src, plans, paged=False)
+            return self._put_chunks(key, src, plans, hashed, paged=False)
         except lmdb.MapFullError:
             # The space accounting said it fits, but no free run of pages is
             # long enough: copy-on-write and mixed sizes fragment LMDB's free
             # list. One-page values fit in any free page.
             log.info("store %s: no free run for a %d-byte entry; writing it in pages", self.path, src.nbytes)
         try:
-            return self._put_chunks(key, src, plans, paged=True)
+            return self._put_chunks(key, src, plans, hashed, paged=True)
         except lmdb.MapFullError as e:
             raise StoreFull(
                 f"store full: the LMDB map has no room for {src.nbytes} bytes", nbytes=src.nbytes
             ) from e
 
-    def _put_chunks(self, key: int, src: Chunks, plans: list[ChunkPlan], *, paged: bool) -> list[int | None]:
-        """One write transaction putting every planned chunk; per-chunk checksums.
+    def _put_chunks(
+        self, key: int, src: Chunks, plans: list[ChunkPlan], hashed: bool, *, paged: bool
+    ) -> list[int | None]:
+        """One write transaction putting every planned chunk; per-chunk
+        xxh3-64s when ``hashed``.
 
         Raises:
             lmdb.MapFullError: no room (nothing was committed).
@@ -230,7 +238,7 @@ class LmdbStore(SwapStore):
                     else:
                         txn.put(_KEY.pack(key, plan.index), value)
                     # After the copy, while the chunk is still in cache.
-                    sums.append(xxhash.xxh3_64_intdigest(value) if self.checksums else None)
+                    sums.append(xxhash.xxh3_64_intdigest(value) if hashed else None)
         except lmdb.MapFullError:
             raise
         except lmdb.Error as e:
@@ -274,7 +282,10 @@ class LmdbStore(SwapStore):
                 raise StoreError(f"writing a batch of {len(layout)} entries to the store failed: {e}") from e
             raise
 
-    def _read_chunks(self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str) -> None:
+    def _read_chunks(
+        self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
+    ) -> None:
+        hashed = self._hashes_stream(entry, verify)
         env = self._require_env()
         try:
             with env.begin(db=self._data_db, buffers=True) as txn:
@@ -296,16 +307,17 @@ class LmdbStore(SwapStore):
                             offset=offset,
                         )
                     stored = np.frombuffer(value, np.uint8)
-                    hasher = Hasher(entry.checksums is not None)
+                    hasher = Hasher(hashed)
                     pos = 0
                     for start, end in plan.pieces:
-                        for done, step in steps(end - start, entry.checksums is not None):
+                        for done, step in steps(end - start, hashed):
                             at = pos + done
                             to = start - base + done
                             np.copyto(out[to : to + step], stored[at : at + step])
                             hasher.add(value[at : at + step])
                         pos += end - start
-                    self._verify(entry, plan, hasher, label)
+                    if verify:
+                        self._verify(entry, plan, hasher, label, out)
                     dst.filled(plan.index)
         except lmdb.Error as e:
             raise StoreError(f"reading {label} from the store failed: {e}") from e

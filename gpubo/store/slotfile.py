@@ -271,7 +271,7 @@ class SlotFileStore(SwapStore):
         return tuple(extents), nslots * PAGE_BYTES
 
     def _write_chunks(
-        self, key: int, extents: Extents, src: Chunks, plans: list[ChunkPlan]
+        self, key: int, extents: Extents, src: Chunks, plans: list[ChunkPlan], hashed: bool
     ) -> list[int | None]:
         sums: list[int | None] = []
         for plan in plans:
@@ -281,7 +281,7 @@ class SlotFileStore(SwapStore):
                 continue
             chunk = src.chunk(plan.index)
             base = plan.index * CHUNK_BYTES
-            hasher = Hasher(self.checksums)
+            hasher = Hasher(hashed)
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
                     self._write_direct(extents, plan, np.frombuffer(chunk, np.uint8))
@@ -293,7 +293,7 @@ class SlotFileStore(SwapStore):
             for src_off, file_off, length in _zip(pieces, segs):
                 # pwrite, not a copy into the mapping: writing through the map
                 # takes a page fault per 4 KiB page once the file was written back.
-                for done, step in steps(length, self.checksums):
+                for done, step in steps(length, hashed):
                     piece = chunk[src_off + done : src_off + done + step]
                     self._pwrite_all(piece, file_off + done)
                     hasher.add(piece)
@@ -383,7 +383,10 @@ class SlotFileStore(SwapStore):
         except OSError as e:
             raise StoreError(f"O_DIRECT write to the slot file failed: {e}") from e
 
-    def _read_chunks(self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str) -> None:
+    def _read_chunks(
+        self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
+    ) -> None:
+        hashed = self._hashes_stream(entry, verify)
         for plan in plans:
             out = np.frombuffer(dst.chunk(plan.index), np.uint8)
             self._zero_fill(plan, out)
@@ -392,7 +395,7 @@ class SlotFileStore(SwapStore):
                 dst.filled(plan.index)
                 continue
             base = plan.index * CHUNK_BYTES
-            hasher = Hasher(entry.checksums is not None)
+            hasher = Hasher(hashed)
             pieces = [(s - base, e - s) for s, e in plan.pieces]
             if self.durability is Durability.DIRECT:
                 with self._bounce_lock:
@@ -401,17 +404,19 @@ class SlotFileStore(SwapStore):
                         chunk = self._bounce_arr[stream_off : stream_off + length]
                         np.copyto(out[dst_off : dst_off + length], chunk)
                     hasher.add(memoryview(self._bounce)[:n])
-                    self._verify(entry, plan, hasher, label)
+                    if verify:
+                        self._verify(entry, plan, hasher, label, out)
                 dst.filled(plan.index)
                 continue
             else:
                 segs = list(_segments(entry.extents, plan.stream_offset, n))
                 for file_off, dst_off, length in _zip(segs, pieces):
-                    for done, step in steps(length, entry.checksums is not None):
+                    for done, step in steps(length, hashed):
                         at = file_off + done
                         np.copyto(out[dst_off + done : dst_off + done + step], self._slots[at : at + step])
                         hasher.add(self._view[at : at + step])
-            self._verify(entry, plan, hasher, label)
+            if verify:
+                self._verify(entry, plan, hasher, label, out)
             dst.filled(plan.index)
 
     @contextlib.contextmanager
