@@ -41,7 +41,7 @@ from gpubo._prefetch import Prefetcher
 from gpubo._records import Records
 from gpubo._resource import Resource, StoreAdmission
 from gpubo._state import Stats
-from gpubo._transfer import make_transfer
+from gpubo._transfer import check_checksums, make_transfer
 from gpubo._units import format_bytes, parse_bytes
 from gpubo.backends.base import Backend
 from gpubo.backends.opencl import OpenCLBackend
@@ -89,8 +89,16 @@ class Manager:
             choosing one (``"gpu"``, ``"cpu"``, ``"0:1"`` for platform 0
             device 1, or part of its name); None: ``$GPUBO_DEVICE`` if set,
             else a GPU if present, else any OpenCL device.
-        checksums: keep an xxh3-64 checksum per stored chunk and verify it on
-            every restore.
+        checksums: keep a checksum per stored chunk (1 MiB) and verify it on
+            every restore: ``"host"`` (the store hashes the bytes as it
+            copies them, xxh3-64), ``"device"`` (a kernel hashes them on the
+            device before they leave and after they come back: per 4 KiB
+            page XXH64, then the chunk's XXH64 of those; BOs under 1 MiB are
+            hashed on the host), ``True`` (``device`` for the bounce
+            strategy, ``host`` for map) or ``False`` (none). A store written
+            with either kind reads with either setting. With a
+            :class:`~gpubo.store.SwapStore`, the store's own setting says
+            whether there are any.
         transfer: ``"map"`` (map device buffers: zero-copy on unified memory),
             ``"bounce"`` (stream through ``bounce_buffers`` pinned host buffers
             of ``bounce_size``, allocated now), ``"auto"`` (map on unified
@@ -120,7 +128,7 @@ class Manager:
         *,
         store_backend: str | None = None,
         durability: str = "lazy",
-        checksums: bool = True,
+        checksums: bool | str = True,
         pressure: bool | PressureSource | None = None,
         transfer: str | None = None,
         bounce_buffers: int = 4,
@@ -137,8 +145,7 @@ class Manager:
             raise TypeError(f"store_backend must be a str or None, got {type(store_backend).__name__}")
         if not isinstance(durability, (str, Durability)):
             raise TypeError(f"durability must be a str, got {type(durability).__name__}")
-        if not isinstance(checksums, bool):
-            raise TypeError("checksums must be a bool")
+        checksums = check_checksums(checksums)
         bounce = (check_int(bounce_buffers, "bounce_buffers", 2), parse_bytes(bounce_size, "bounce_size"))
         backend: Backend = OpenCLBackend(device)
         if self.budget > backend.global_mem_bytes:
@@ -151,11 +158,15 @@ class Manager:
             self.store: SwapStore = store
         else:
             self.store = open_store(
-                store, store_bytes, backend=store_backend, checksums=checksums, durability=durability
+                store,
+                store_bytes,
+                backend=store_backend,
+                checksums=checksums is not False,
+                durability=durability,
             )
         self._close_store = weakref.finalize(self, self.store.close)
         try:
-            transfer_ = make_transfer(transfer, backend, self.store, *bounce)
+            transfer_ = make_transfer(transfer, backend, self.store, *bounce, checksums)
         except BaseException:
             self._close_store()
             raise
@@ -515,6 +526,7 @@ class Manager:
                 purged_bytes=c.purged_bytes,
                 purges=c.purges,
                 transfer=self._mover.transfer.name,
+                checksums=self._mover.transfer.checksums,
             )
 
     def close(self) -> None:
@@ -559,5 +571,5 @@ class Manager:
                 f"<Manager {self._backend.name} resident={format_bytes(res.counters.resident_bytes)}"
                 f"/{format_bytes(self.budget)} pooled={format_bytes(res.pool.pooled_bytes)}"
                 f" swapped={format_bytes(res.counters.swapped_bytes)} bos={len(res.bos)} pinned={pinned}"
-                f" transfer={self._mover.transfer.name}>"
+                f" transfer={self._mover.transfer.name} checksums={self._mover.transfer.checksums}>"
             )

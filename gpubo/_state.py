@@ -60,7 +60,9 @@ class Counters:
 @dataclass(frozen=True)
 class Stats:
     """A snapshot of a manager's counters; every field is an int but
-    ``transfer``, the copy strategy in use (``"map"`` or ``"bounce"``).
+    ``transfer``, the copy strategy in use (``"map"`` or ``"bounce"``), and
+    ``checksums``, where they are computed (``"host"``, ``"device"`` or
+    ``"off"``).
 
     ``resident_bytes`` counts BOs on the device; ``pooled_bytes`` counts freed
     or evicted device buffers kept for reuse (they count against the budget
@@ -84,6 +86,7 @@ class Stats:
     eviction_batches: int
     restore_batches: int
     transfer: str
+    checksums: str
 
 
 class _Charged(Protocol):

@@ -11,6 +11,14 @@ with zero pages, maps the device buffer for writing (its old content
 discarded) and the store copies into it, verifying as it goes.
 No host array the size of the buffer is ever allocated here.
 
+Checksums are computed on the host by the store as it copies (``host``), or
+on the device (``device``): a kernel hashes the BO's pages where they are,
+before an eviction copies them and again after a restore's last copy, so
+the check covers the whole way back onto the device and the CPU never reads
+the bytes to hash them. BOs smaller than :data:`DEVICE_CHECKSUM_MIN_BYTES`
+are hashed on the host either way: their bytes cross in batches, and a
+kernel launch per BO costs more than hashing them.
+
 Small buffers are evicted in batches (``swap_out_batch``): the device first
 gathers them into one staging buffer, and that one buffer crosses to the
 host and into the store, so the fixed cost of a transfer (a map, an unmap,
@@ -20,6 +28,7 @@ a store transaction) is paid once per batch instead of once per buffer.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -27,14 +36,23 @@ from typing import Any
 
 import numpy as np
 
-from gpubo._errors import GpuboError
+from gpubo._errors import DeviceError, GpuboError, IntegrityError
 from gpubo.backends.base import Backend
-from gpubo.store.base import CHUNK_BYTES, PAGE_BYTES, Entry, SwapStore
+from gpubo.store.base import CHUNK_BYTES, PAGE_BYTES, Entry, SwapStore, ViewChunks
+from gpubo.store.entry import PAGE_DIGESTS
+
+log = logging.getLogger(__name__)
+
+#: BOs at least this big get device checksums when those are on.
+DEVICE_CHECKSUM_MIN_BYTES = CHUNK_BYTES
 
 __all__ = [
+    "CHECKSUMS",
+    "DEVICE_CHECKSUM_MIN_BYTES",
     "TRANSFERS",
     "BounceTransfer",
     "MapTransfer",
+    "check_checksums",
     "make_transfer",
     "read_bytes",
     "replace_bytes",
@@ -105,9 +123,13 @@ def swap_out_batch(
         return store.write_batch(view, layout)
 
 
-def swap_in_batch(backend: Backend, store: SwapStore, parts: Sequence[tuple[Entry, Any, str]]) -> None:
+def swap_in_batch(
+    backend: Backend, store: SwapStore, parts: Sequence[tuple[Entry, Any, str]], verify: bool = True
+) -> None:
     """Overwrite each ``buf`` of ``parts`` (``(entry, buf, label)``) with its
-    entry's verified bytes. Every entry the store can lend as one run (one
+    entry's verified bytes (``verify=False``: entries with
+    :data:`~gpubo.store.entry.PAGE_DIGESTS` are left for the caller to
+    verify on the device). Every entry the store can lend as one run (one
     chunk at most, no zero page) is verified first, then one copy command
     each is enqueued straight from the store and all are waited for together
     (a blocking copy would pay a round trip to the device each). The others
@@ -119,7 +141,8 @@ def swap_in_batch(backend: Backend, store: SwapStore, parts: Sequence[tuple[Entr
         StoreError, DeviceError, OutOfDeviceMemory: a copy failed; the
             buffers' content is undefined.
     """
-    with store.verified_views([e for e, _, _ in parts], [label for _, _, label in parts]) as views:
+    entries = [e for e, _, _ in parts]
+    with store.verified_views(entries, [label for _, _, label in parts], verify=verify) as views:
         lent = [
             (buf, np.frombuffer(view, np.uint8))
             for (_, buf, _), view in zip(parts, views, strict=True)
@@ -142,7 +165,7 @@ def swap_in_batch(backend: Backend, store: SwapStore, parts: Sequence[tuple[Entr
     for (entry, buf, label), copied in zip(parts, done, strict=True):
         if not copied:
             with backend.map_write(buf, entry.nbytes) as view:
-                store.read_into(entry, view, label)
+                store.read_into(entry, view, label, verify=verify)
 
 
 # -- transfer strategies --------------------------------------------------------------
@@ -158,22 +181,66 @@ def swap_in_batch(backend: Backend, store: SwapStore, parts: Sequence[tuple[Entr
 
 
 class MapTransfer:
-    """The ``map`` strategy."""
+    """The ``map`` strategy; ``checksums`` says where they are computed:
+    ``"off"`` (the store keeps none), ``"host"`` or ``"device"``."""
 
     name = "map"
 
-    def __init__(self, backend: Backend, store: SwapStore) -> None:
+    def __init__(self, backend: Backend, store: SwapStore, checksums: str = "host") -> None:
         self.backend = backend
         self.store = store
+        self.checksums = checksums
+        self.on_device = checksums == "device"
 
     def swap_out(self, buf: Any, nbytes: int) -> Entry:
-        return swap_out(self.backend, self.store, buf, nbytes)
+        if not self._digests_for(nbytes):
+            return swap_out(self.backend, self.store, buf, nbytes)
+        zero, digests = self.backend.chunk_digests(buf, nbytes)
+        if zero is not None and zero.all():
+            return self.store.write_zeros(nbytes)
+        with self.backend.map_read(buf, nbytes) as view:
+            return self.store.write_chunks(ViewChunks(view, nbytes), zero, list(map(int, digests)))
 
     def swap_in(self, entry: Entry, buf: Any, label: str) -> None:
         self.swap_in_batch([(entry, buf, label)])
 
     def swap_in_batch(self, parts: Sequence[tuple[Entry, Any, str]]) -> None:
-        swap_in_batch(self.backend, self.store, parts)
+        """Copy each entry into its buffer (:func:`swap_in_batch`), then,
+        with device checksums, verify on the device what the store did not."""
+        self._copy_in(parts, verify=not self.on_device)
+        self._check_on_device(parts)
+
+    def _copy_in(self, parts: Sequence[tuple[Entry, Any, str]], verify: bool) -> None:
+        swap_in_batch(self.backend, self.store, parts, verify)
+
+    def _digests_for(self, nbytes: int) -> bool:
+        """Whether an eviction of ``nbytes`` computes its checksums on the device."""
+        return self.on_device and self.store.checksums and nbytes >= DEVICE_CHECKSUM_MIN_BYTES
+
+    def _check_on_device(self, parts: Sequence[tuple[Entry, Any, str]]) -> None:
+        """With device checksums: hash each restored buffer whose entry has
+        :data:`~gpubo.store.entry.PAGE_DIGESTS` on the device and compare.
+
+        Raises:
+            IntegrityError: a chunk differs (``offset`` names its first byte);
+                the buffer must not be handed out.
+            DeviceError, OutOfDeviceMemory: the kernel failed.
+        """
+        if not self.on_device:
+            return
+        for entry, buf, label in parts:
+            if entry.checksums is None or entry.hashing != PAGE_DIGESTS:
+                continue
+            _, got = self.backend.chunk_digests(buf, entry.nbytes, fresh=True)
+            for index, want in enumerate(entry.checksums):
+                if want is not None and int(got[index]) != want:
+                    offset = index * CHUNK_BYTES
+                    raise IntegrityError(
+                        f"{label}: checksum mismatch on the device at byte {offset} (chunk {index}): "
+                        "the bytes restored are not those evicted",
+                        bo=label,
+                        offset=offset,
+                    )
 
     def swap_out_batch(
         self, staging: Any, parts: Sequence[tuple[Any, int]], layout: Sequence[tuple[int, int]]
@@ -201,8 +268,10 @@ class BounceTransfer(MapTransfer):
 
     name = "bounce"
 
-    def __init__(self, backend: Backend, store: SwapStore, count: int, size: int) -> None:
-        super().__init__(backend, store)
+    def __init__(
+        self, backend: Backend, store: SwapStore, count: int, size: int, checksums: str = "host"
+    ) -> None:
+        super().__init__(backend, store, checksums)
         if count < 2:
             raise ValueError(f"bounce buffers: at least 2 are needed to overlap copies, got {count}")
         if size <= 0 or size % CHUNK_BYTES:
@@ -224,20 +293,28 @@ class BounceTransfer(MapTransfer):
         return self.count * self.size
 
     def swap_out(self, buf: Any, nbytes: int) -> Entry:
-        zero = self.backend.zero_pages(buf, nbytes)  # zero pages never cross to the host
+        # Zero pages never cross to the host; device checksums find them in
+        # the same pass.
+        digests: list[int] | None = None
+        if self._digests_for(nbytes):
+            zero, sums = self.backend.chunk_digests(buf, nbytes)
+            digests = list(map(int, sums))
+        else:
+            zero = self.backend.zero_pages(buf, nbytes)
         if zero is not None and zero.all():
             return self.store.write_zeros(nbytes)
         with self._lock:
             stream = _Downloads(self, buf, nbytes)
             try:
-                return self.store.write_chunks(stream, zero)
+                return self.store.write_chunks(stream, zero, digests)
             finally:
                 stream.finish()
 
-    def swap_in_batch(self, parts: Sequence[tuple[Entry, Any, str]]) -> None:
+    def _copy_in(self, parts: Sequence[tuple[Entry, Any, str]], verify: bool) -> None:
         """Entries the store can lend go straight to the device (no map);
         the others stream through the bounce buffers."""
-        with self.store.verified_views([e for e, _, _ in parts], [label for _, _, label in parts]) as views:
+        entries = [e for e, _, _ in parts]
+        with self.store.verified_views(entries, [label for _, _, label in parts], verify=verify) as views:
             lent = [
                 (buf, np.frombuffer(v, np.uint8)) for (_, buf, _), v in zip(parts, views, strict=True) if v
             ]
@@ -256,7 +333,7 @@ class BounceTransfer(MapTransfer):
                 with self._lock:
                     stream = _Uploads(self, buf, entry.nbytes)
                     try:
-                        self.store.read_chunks(entry, stream, label)
+                        self.store.read_chunks(entry, stream, label, verify=verify)
                     except BaseException:
                         stream.abandon()  # the store's error is the one to raise
                         raise
@@ -357,13 +434,43 @@ class _Uploads(_Stream):
 #: The strategies by name; ``auto`` picks ``map`` where the device's memory is
 #: the host's and ``bounce`` elsewhere.
 TRANSFERS = ("auto", "map", "bounce")
+#: Where checksums are computed, as ``Manager(checksums=...)`` takes it:
+#: ``True`` picks ``device`` for ``bounce`` and ``host`` for ``map``.
+CHECKSUMS = (True, False, "host", "device")
 
 
-def make_transfer(choice: object, backend: Backend, store: SwapStore, count: int, size: int) -> MapTransfer:
-    """The strategy ``choice`` (None: ``$GPUBO_TRANSFER``, else ``auto``).
+def check_checksums(value: object) -> bool | str:
+    """``value`` if it is one of :data:`CHECKSUMS`.
+
+    Raises:
+        TypeError: not a bool or a str.
+        ValueError: another string.
+    """
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"checksums must be a bool, 'host' or 'device', got {type(value).__name__}")
+    if value not in ("host", "device"):
+        raise ValueError(f"checksums must be True, False, 'host' or 'device', got {value!r}")
+    return value
+
+
+def make_transfer(
+    choice: object,
+    backend: Backend,
+    store: SwapStore,
+    count: int,
+    size: int,
+    checksums: bool | str = True,
+) -> MapTransfer:
+    """The strategy ``choice`` (None: ``$GPUBO_TRANSFER``, else ``auto``),
+    computing checksums where ``checksums`` says (see :data:`CHECKSUMS`;
+    none at all when the store keeps none).
 
     Raises:
         TypeError, ValueError: an unknown strategy or bad bounce buffers.
+        DeviceError: ``checksums="device"`` where the checksum kernel does
+            not build (``True`` falls back to the host, with a warning).
         OutOfDeviceMemory, DeviceError: the bounce buffers could not be allocated.
     """
     if choice is None:
@@ -374,6 +481,22 @@ def make_transfer(choice: object, backend: Backend, store: SwapStore, count: int
         raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {choice!r}")
     if choice == "auto":
         choice = "map" if backend.host_unified_memory else "bounce"
+    where = _checksums_where(checksums, choice, backend, store)
     if choice == "map":
-        return MapTransfer(backend, store)
-    return BounceTransfer(backend, store, count, size)
+        return MapTransfer(backend, store, where)
+    return BounceTransfer(backend, store, count, size, where)
+
+
+def _checksums_where(checksums: bool | str, strategy: str, backend: Backend, store: SwapStore) -> str:
+    if not store.checksums:
+        return "off"
+    # False with a store that keeps checksums (one the caller opened): its own setting.
+    if checksums is False or checksums == "host" or (checksums is True and strategy == "map"):
+        return "host"
+    why = backend.digests_available()
+    if why is None:
+        return "device"
+    if checksums == "device":
+        raise DeviceError(f"checksums='device' is not possible on {backend.name}: {why}")
+    log.warning("checksums on the host: %s", why)
+    return "host"

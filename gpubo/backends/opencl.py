@@ -77,6 +77,153 @@ __kernel void gpubo_zero_pages(__global const ulong *words, __global const uchar
 """
 
 
+#: Work items per chunk in ``gpubo_chunk_digests`` (at most; fewer where
+#: the device's work groups are smaller).
+_DIGEST_ITEMS = 64
+_PAGE = 4096
+_CHUNK = 1 << 20
+
+#: OpenCL C of ``gpubo_chunk_digests``: work group ``c`` hashes chunk ``c``
+#: (1 MiB) of the buffer. Its work items take its pages (4 KiB, the last
+#: one possibly short) in turn, each computing the page's XXH64 (seed 0; as
+#: in the xxHash specification, XXH64 section) into local memory and
+#: whether it holds a non-zero byte; then work item 0 computes the chunk's
+#: digest, the XXH64 of the page XXH64s in order as little-endian 8-byte
+#: words. What ``gpubo.store.entry.page_digest`` computes on the host.
+#: Little-endian devices only (the words are read as the device's ulong).
+_DIGEST_SOURCE = """
+#define P1 0x9E3779B185EBCA87UL
+#define P2 0xC2B2AE3D27D4EB4FUL
+#define P3 0x165667B19E3779F9UL
+#define P4 0x85EBCA77C2B2AE63UL
+#define P5 0x27D4EB2F165667C5UL
+#define PAGE 4096UL
+#define CHUNK_PAGES 256U
+
+inline ulong xx_round(ulong acc, ulong in)
+{
+    acc += in * P2;
+    return rotate(acc, 31UL) * P1;
+}
+
+inline ulong xx_merge(ulong h, ulong v)
+{
+    h ^= xx_round(0UL, v);
+    return h * P1 + P4;
+}
+
+inline ulong xx_avalanche(ulong h)
+{
+    h ^= h >> 33;
+    h *= P2;
+    h ^= h >> 29;
+    h *= P3;
+    h ^= h >> 32;
+    return h;
+}
+
+inline ulong xx_lanes(ulong v1, ulong v2, ulong v3, ulong v4)
+{
+    ulong h = rotate(v1, 1UL) + rotate(v2, 7UL) + rotate(v3, 12UL) + rotate(v4, 18UL);
+    h = xx_merge(h, v1);
+    h = xx_merge(h, v2);
+    h = xx_merge(h, v3);
+    return xx_merge(h, v4);
+}
+
+/* XXH64 of len bytes at p (8-byte aligned); *nonzero |= any byte != 0. */
+ulong xx_page(__global const uchar *p, ulong len, ulong *nonzero)
+{
+    __global const ulong *w = (__global const ulong *)p;
+    ulong h, i = 0, any = 0;
+    if (len >= 32) {
+        ulong v1 = P1 + P2, v2 = P2, v3 = 0, v4 = 0UL - P1;
+        for (; i + 32 <= len; i += 32) {
+            const ulong4 s = vload4(0, w + i / 8);
+            any |= s.x | s.y | s.z | s.w;
+            v1 = xx_round(v1, s.x);
+            v2 = xx_round(v2, s.y);
+            v3 = xx_round(v3, s.z);
+            v4 = xx_round(v4, s.w);
+        }
+        h = xx_lanes(v1, v2, v3, v4);
+    } else {
+        h = P5;
+    }
+    h += len;
+    for (; i + 8 <= len; i += 8) {
+        const ulong k = w[i / 8];
+        any |= k;
+        h ^= xx_round(0UL, k);
+        h = rotate(h, 27UL) * P1 + P4;
+    }
+    if (i + 4 <= len) {
+        const ulong k = ((__global const uint *)p)[i / 4];
+        any |= k;
+        h ^= k * P1;
+        h = rotate(h, 23UL) * P2 + P3;
+        i += 4;
+    }
+    for (; i < len; i++) {
+        any |= p[i];
+        h ^= p[i] * P5;
+        h = rotate(h, 11UL) * P1;
+    }
+    *nonzero |= any;
+    return xx_avalanche(h);
+}
+
+/* XXH64 of n little-endian 8-byte words in local memory. */
+ulong xx_words(__local const ulong *w, uint n)
+{
+    const ulong len = 8UL * n;
+    ulong h;
+    uint i = 0;
+    if (n >= 4) {
+        ulong v1 = P1 + P2, v2 = P2, v3 = 0, v4 = 0UL - P1;
+        for (; i + 4 <= n; i += 4) {
+            v1 = xx_round(v1, w[i]);
+            v2 = xx_round(v2, w[i + 1]);
+            v3 = xx_round(v3, w[i + 2]);
+            v4 = xx_round(v4, w[i + 3]);
+        }
+        h = xx_lanes(v1, v2, v3, v4);
+    } else {
+        h = P5;
+    }
+    h += len;
+    for (; i < n; i++) {
+        h ^= xx_round(0UL, w[i]);
+        h = rotate(h, 27UL) * P1 + P4;
+    }
+    return xx_avalanche(h);
+}
+
+__kernel void gpubo_chunk_digests(__global const uchar *bytes, ulong nbytes,
+                                  __global ulong *digests, __global uchar *nonzero,
+                                  __local ulong *sums)
+{
+    const ulong chunk = get_group_id(0);
+    const ulong first = chunk * CHUNK_PAGES;
+    const ulong start = first * PAGE;
+    ulong span = nbytes - start;
+    if (span > CHUNK_PAGES * PAGE) span = CHUNK_PAGES * PAGE;
+    const uint pages = (uint)((span + PAGE - 1) / PAGE);
+    for (uint k = get_local_id(0); k < pages; k += get_local_size(0)) {
+        const ulong at = start + k * PAGE;
+        ulong len = nbytes - at;
+        if (len > PAGE) len = PAGE;
+        ulong any = 0;
+        sums[k] = xx_page(bytes + at, len, &any);
+        nonzero[first + k] = any != 0;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (get_local_id(0) == 0)
+        digests[chunk] = xx_words(sums, pages);
+}
+"""
+
+
 def _gather_source(width: int) -> str:
     """OpenCL C of ``gpubo_gather``: work group ``k`` (dimension 1) copies
     source ``k`` to ``dst`` at the byte offset and length ``meta`` gives for
@@ -282,6 +429,9 @@ class OpenCLBackend:
         self._gather_failed = False
         self._zero_kernel: cl.Kernel | None = None
         self._zero_failed = False
+        self._digest_kernel: cl.Kernel | None = None
+        self._digest_error: str | None = None
+        self._digest_items = _DIGEST_ITEMS
         # Unmaps left in flight on ``queue``, by buffer: the next command on
         # ``transfer_queue`` for that buffer waits for its unmap.
         self._unmaps: dict[int, cl.Event] = {}
@@ -539,6 +689,79 @@ class OpenCLBackend:
         zero = flags == 0
         return zero if zero.any() else None
 
+    def digests_available(self) -> str | None:
+        """Build the checksum kernel (once); None when it runs here, else why not."""
+        with self._gather_lock:
+            if self._digest_kernel is None and self._digest_error is None:
+                try:
+                    program = cl.Program(self.context, _DIGEST_SOURCE).build()
+                    kernel = cl.Kernel(program, "gpubo_chunk_digests")
+                    wg = int(
+                        kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
+                    )
+                    self._digest_items = max(1, min(_DIGEST_ITEMS, wg))
+                    self._digest_kernel = kernel
+                except (cl.Error, RuntimeError) as e:
+                    self._digest_error = f"the checksum kernel did not build: {e}"
+                    log.warning("%s", self._digest_error)
+            return self._digest_error
+
+    def chunk_digests(
+        self, buf: cl.Buffer, nbytes: int, *, fresh: bool = False
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """The checksums of the first ``nbytes`` of ``buf`` computed on the
+        device, after the commands before it on ``queue`` (``fresh``: a
+        buffer only restores use yet, on ``transfer_queue``, so that the
+        check of a restore does not wait behind queued kernels): one
+        ``gpubo.store.entry.PAGE_DIGESTS`` value per 1 MiB chunk (uint64),
+        and the per-page (4 KiB) "all zeros" flags (None when no page is
+        zero), found in the same pass. Only 8 bytes per chunk and one per
+        page cross to the host.
+
+        Raises:
+            DeviceError: the kernel does not build here
+                (:meth:`digests_available` says why), or it failed.
+            OutOfDeviceMemory: no room for its small outputs.
+        """
+        why = self.digests_available()
+        if why is not None:
+            raise DeviceError(why)
+        kernel = self._digest_kernel
+        assert kernel is not None
+        npages = -(-nbytes // _PAGE)
+        nchunks = -(-nbytes // _CHUNK)
+        flags = np.empty(npages, np.uint8)
+        digests = np.empty(nchunks, np.uint64)
+        items = self._digest_items
+        try:
+            sums_out = cl.Buffer(self.context, cl.mem_flags.WRITE_ONLY, 8 * nchunks)
+            try:
+                flags_out = cl.Buffer(self.context, cl.mem_flags.WRITE_ONLY, npages)
+                try:
+                    queue = self.transfer_queue if fresh else self.queue
+                    after = self._after_unmap(buf) if fresh else None
+                    with self._launch_lock:
+                        kernel.set_args(
+                            buf,
+                            np.uint64(nbytes),
+                            sums_out,
+                            flags_out,
+                            cl.LocalMemory(8 * (_CHUNK // _PAGE)),  # type: ignore[arg-type]
+                        )
+                        cl.enqueue_nd_range_kernel(
+                            queue, kernel, (nchunks * items,), (items,), wait_for=after
+                        )
+                    cl.enqueue_copy(queue, flags, flags_out, is_blocking=False)
+                    cl.enqueue_copy(queue, digests, sums_out, is_blocking=True)
+                finally:
+                    flags_out.release()
+            finally:
+                sums_out.release()
+        except cl.Error as e:
+            raise _translate(e, "computing checksums on the device", nbytes) from e
+        zero = flags == 0
+        return (zero if zero.any() else None), digests
+
     def download(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> None:
         """Copy ``out.nbytes`` bytes from ``buf`` at byte ``offset`` into ``out``."""
         try:
@@ -644,7 +867,8 @@ class OpenCLBackend:
     def pinned_host(self, nbytes: int) -> tuple[cl.Buffer, np.ndarray]:
         """A host buffer of ``nbytes`` the device can copy to and from directly
         (``CL_MEM_ALLOC_HOST_PTR``: pinned memory on a discrete GPU), mapped
-        once: the buffer and its host array, until :meth:`release_pinned`.
+        once and every page touched: the buffer and its host array, until
+        :meth:`release_pinned`.
 
         Raises:
             OutOfDeviceMemory, DeviceError: it could not be allocated or mapped.
@@ -658,6 +882,10 @@ class OpenCLBackend:
             )
         except cl.Error as e:
             raise _translate(e, "allocating a pinned host buffer", nbytes) from e
+        # Fault every page in now: where the driver does not lock them at once
+        # (PoCL), the host memory would otherwise be taken at the first
+        # eviction, under the very pressure eviction relieves.
+        array[::_PAGE] = 0
         return buf, array
 
     def release_pinned(self, pinned: tuple[cl.Buffer, np.ndarray]) -> None:
