@@ -180,8 +180,22 @@ for path in sorted(out.glob("bench*.json")):
         summary["bench"][path.stem] = {"error": f"not JSON: {e}"}
         continue
     goals = data.get("goals", []) if isinstance(data, dict) else []
+    config = data.get("config") or {} if isinstance(data, dict) else {}
+    rows = []
+    for t in data.get("throughput", []) if isinstance(data, dict) else []:
+        for c in t.get("cases", []):
+            rows.append({
+                "nbytes": t.get("nbytes"),
+                "backend": c.get("backend"),
+                "checksums": c.get("checksums_where", c.get("checksums")),
+                "evict_vs_d2h": (c.get("evict_vs_d2h") or {}).get("of_medians"),
+                "restore_vs_h2d": (c.get("restore_vs_h2d") or {}).get("of_medians"),
+            })
     summary["bench"][path.stem] = {
         "device": (data.get("machine") or {}).get("device") if isinstance(data, dict) else None,
+        "transfer": config.get("transfer"),
+        "checksums": config.get("checksums"),
+        "throughput": rows,
         "goals": [{k: g.get(k) for k in ("goal", "value", "target", "unit", "met")} for g in goals],
     }
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -216,13 +216,23 @@ class FileWrite:
 
 @dataclass(frozen=True)
 class CaseKey:
+    """One store configuration; ``checksums`` as ``Manager`` takes it
+    (``True``, ``False``, ``"host"`` or ``"device"``)."""
+
     backend: str
     durability: str
-    checksums: bool
+    checksums: bool | str
+
+    @property
+    def checksums_label(self) -> str:
+        """``off``, ``on`` (where the transfer strategy puts them), ``host`` or ``device``."""
+        if isinstance(self.checksums, str):
+            return self.checksums
+        return "on" if self.checksums else "off"
 
     @property
     def label(self) -> str:
-        return f"{self.backend}/{self.durability}/checksums {'on' if self.checksums else 'off'}"
+        return f"{self.backend}/{self.durability}/checksums {self.checksums_label}"
 
 
 class Baselines:
@@ -277,7 +287,7 @@ class GpuboCase:
         self.key = key
         self.nbytes = nbytes
         self.store_dir = os.path.join(
-            directory, f"{key.backend}-{key.durability}-{'cs' if key.checksums else 'nocs'}-{nbytes}"
+            directory, f"{key.backend}-{key.durability}-cs-{key.checksums_label}-{nbytes}"
         )
         # Room for the BO, a zero BO and a pooled buffer; a store that holds
         # both BOs' entries plus LMDB's copy-on-write transit.
@@ -397,6 +407,8 @@ class GpuboCase:
             "backend": key.backend,
             "durability": key.durability,
             "checksums": key.checksums,
+            # Where the manager computes them: off, host or device.
+            "checksums_where": self.mgr.stats().checksums,
             "evict": s["evict"].to_json(),
             "restore": s["restore"].to_json(),
             "dirty_write_1_byte": s["dirty"].to_json(throughput=False),
@@ -422,9 +434,10 @@ class GpuboCase:
         return row
 
 
-def case_keys(backends: list[str], durabilities: list[str]) -> list[CaseKey]:
+def case_keys(backends: list[str], durabilities: list[str], on: bool | str = True) -> list[CaseKey]:
+    """Every case of ``backends`` x ``durabilities``, checksums off and ``on``."""
     return [
-        CaseKey(b, d, cs) for b in backends for d in durabilities if d in SUPPORTED[b] for cs in (False, True)
+        CaseKey(b, d, cs) for b in backends for d in durabilities if d in SUPPORTED[b] for cs in (False, on)
     ]
 
 
@@ -578,15 +591,22 @@ class BenchConfig:
     gemm_tile: int = 256
     gemm_reps: int = 3
     parent_dir: str | None = None
+    checksums: bool | str = True
 
 
 def config(
-    quick: bool = False, full: bool = False, sizes: list[int] | None = None, reps: int | None = None
+    quick: bool = False,
+    full: bool = False,
+    sizes: list[int] | None = None,
+    reps: int | None = None,
+    checksums: bool | str = True,
 ) -> BenchConfig:
     """The default preset (about 2 to 3 minutes on 2 cores), ``quick`` (about 30 s)
-    or ``full`` (every backend x durability x checksums case)."""
+    or ``full`` (every backend x durability x checksums case); the cases with
+    checksums compute them where ``checksums`` says (``True``: where the
+    transfer strategy puts them, ``"host"`` or ``"device"``)."""
     durabilities = list(DURABILITIES) if full else ["lazy"]
-    cfg = BenchConfig(cases=case_keys(list(BACKENDS), durabilities))
+    cfg = BenchConfig(cases=case_keys(list(BACKENDS), durabilities, checksums), checksums=checksums)
     if quick:
         cfg.sizes = list(QUICK_SIZES)
         cfg.reps, cfg.warmup = 3, 1
@@ -881,7 +901,7 @@ def bench_staged(
         os.path.join(directory, "staged-store"),
         store_size,
         backend=key.backend,
-        checksums=key.checksums,
+        checksums=key.checksums is not False,  # a host store.write hashes on the host
         durability=key.durability,
     )
     bufs = []
@@ -1211,7 +1231,7 @@ def bench_overlap(context: cl.Context, directory: str, nbytes: int, reps: int, w
 def _staged_key(cfg: BenchConfig) -> CaseKey:
     """The case the staged, zict and oversubscription sections use: slotfile lazy
     with checksums if measured, else the first case."""
-    want = CaseKey("slotfile", "lazy", True)
+    want = CaseKey("slotfile", "lazy", cfg.checksums)
     return want if want in cfg.cases else cfg.cases[0]
 
 
@@ -1257,6 +1277,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
             "warmup": cfg.warmup,
             # What GPUBO_TRANSFER asks of the managers (``gpubo bench --transfer``).
             "transfer": os.environ.get("GPUBO_TRANSFER") or "auto",
+            # Where the cases with checksums ask for them (``gpubo bench --checksums``).
+            "checksums": CaseKey("", "", cfg.checksums).checksums_label,
         },
         "limit": [{"nbytes": t["nbytes"], **t["limit"]} for t in throughput],
         "throughput": [{"nbytes": t["nbytes"], "cases": t["cases"]} for t in throughput],
@@ -1367,7 +1389,7 @@ def tables(results: dict[str, Any]) -> str:
                     fmt(t["nbytes"]),
                     c["backend"],
                     c["durability"],
-                    "on" if c["checksums"] else "off",
+                    c.get("checksums_where", "on" if c["checksums"] else "off"),
                     _f(c["evict"]["median_gbps"]),
                     _f(c["evict_vs_d2h"]["of_medians"]) + "x",
                     _f(c["evict_vs_write"]) + "x",

@@ -988,6 +988,13 @@ def selftest(
     default=None,
     help="The managers' transfer strategy (default: $GPUBO_TRANSFER, else auto).",
 )
+@click.option(
+    "--checksums",
+    type=click.Choice(["auto", "host", "device"]),
+    default="auto",
+    show_default=True,
+    help="Where the cases with checksums compute them (auto: device for bounce, host for map).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON results on stdout.")
 def bench(
     quick: bool,
@@ -996,6 +1003,7 @@ def bench(
     reps: int | None,
     parent_dir: str | None,
     transfer: str | None,
+    checksums: str,
     as_json: bool,
 ) -> None:
     """Measure eviction and restore against raw copies, the staged path, zict,
@@ -1009,7 +1017,8 @@ def bench(
         size_list = bench_mod.parse_sizes(sizes) if sizes else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--sizes") from e
-    cfg = bench_mod.config(quick=quick, full=full, sizes=size_list, reps=reps)
+    where: bool | str = True if checksums == "auto" else checksums
+    cfg = bench_mod.config(quick=quick, full=full, sizes=size_list, reps=reps, checksums=where)
     cfg.parent_dir = parent_dir
     try:
         results = bench_mod.run(cfg, None if as_json else lambda text: click.echo(f"... {text}", err=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -113,3 +114,24 @@ def test_overlap_section(results: dict) -> None:
     for name in ("prefetch_s", "kernel_s", "prefetch_vs_kernel"):
         assert _positive(o[name]), name
     assert len(o["prefetch_samples_s"]) == len(o["kernel_samples_s"]) == o["reps"]
+
+
+def test_checksums_option_puts_the_cases_with_checksums_where_it_says(tmp_path: Path) -> None:
+    """``gpubo bench --checksums device``: the cases with checksums run with
+    device checksums, and each row says where its manager computed them."""
+    from gpubo import bench
+    from gpubo.backends import OpenCLBackend
+
+    cfg = bench.config(quick=True, checksums="device")
+    assert {k.checksums_label for k in cfg.cases} == {"off", "device"}
+    context = OpenCLBackend(None).context
+    keys = [bench.CaseKey("lmdb", "lazy", False), bench.CaseKey("slotfile", "lazy", "device")]
+    out = bench.bench_throughput(context, str(tmp_path), 2 << 20, keys, reps=1, warmup=0)
+    assert [c["checksums_where"] for c in out["cases"]] == ["off", "device"]
+    assert all(_positive(c["evict"]["median_gbps"]) for c in out["cases"])
+
+
+def test_a_bad_checksums_choice_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["bench", "--checksums", "gpu"])
+    assert result.exit_code == 2
+    assert "'gpu' is not one of 'auto', 'host', 'device'" in result.output

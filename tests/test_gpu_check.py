@@ -91,6 +91,20 @@ def test_info_and_summary_gather_what_the_steps_left(tmp_path: Path) -> None:
     )
     bench = {
         "machine": {"device": "Fake GPU"},
+        "config": {"transfer": "map", "checksums": "device"},
+        "throughput": [
+            {
+                "nbytes": 16 << 20,
+                "cases": [
+                    {
+                        "backend": "lmdb",
+                        "checksums_where": "device",
+                        "evict_vs_d2h": {"of_medians": 0.91},
+                        "restore_vs_h2d": {"of_medians": 0.95},
+                    }
+                ],
+            }
+        ],
         "goals": [{"goal": "evict/D2H 16MiB", "value": 0.93, "target": 0.9, "unit": "x", "met": True}],
     }
     (out / "bench-map-device.json").write_text(json.dumps(bench))
@@ -103,6 +117,16 @@ def test_info_and_summary_gather_what_the_steps_left(tmp_path: Path) -> None:
     assert summary["tests"] == {"tests": 7, "failures": 1, "errors": 0, "skipped": 2}
     assert summary["bench"]["bench-map-device"]["device"] == "Fake GPU"
     assert summary["bench"]["bench-map-device"]["goals"][0]["met"] is True
+    assert summary["bench"]["bench-map-device"]["checksums"] == "device"
+    assert summary["bench"]["bench-map-device"]["throughput"] == [
+        {
+            "nbytes": 16 << 20,
+            "backend": "lmdb",
+            "checksums": "device",
+            "evict_vs_d2h": 0.91,
+            "restore_vs_h2d": 0.95,
+        }
+    ]
     assert "not JSON" in summary["bench"]["bench-bounce-host"]["error"]
 
 
