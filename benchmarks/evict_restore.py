@@ -210,6 +210,9 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     out.append(
                         {
                             "nbytes": r["nbytes"],
+                            "backend": backend,
+                            "durability": durability,
+                            "checksums": checksums,
                             "goal": text,
                             "measure": measure,
                             "minimum": minimum,
@@ -280,7 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         "default: the system temp directory ($TMPDIR, else /tmp)",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON results")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 MiB only, lazy and sync, 2 reps after 1 warm-up (what the test runs; a few seconds)",
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.reps, args.warmup = [1 << 20], 2, 1
+        args.durability = [d for d in args.durability if d != "direct"]
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
     parent = args.dir if args.dir is not None else tempfile.gettempdir()

@@ -976,6 +976,13 @@ def selftest(
 @click.option("--sizes", default=None, help="BO sizes, e.g. 4KiB,64KiB,1MiB,16MiB,64MiB.")
 @click.option("--reps", type=click.IntRange(min=1), default=None, help="Timed repetitions (median).")
 @click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Whole runs; each goal is judged on the median of its value over them, with their spread.",
+)
+@click.option(
     "--dir",
     "parent_dir",
     type=click.Path(file_okay=False, exists=True),
@@ -1001,6 +1008,7 @@ def bench(
     full: bool,
     sizes: str | None,
     reps: int | None,
+    runs: int,
     parent_dir: str | None,
     transfer: str | None,
     checksums: str,
@@ -1020,10 +1028,16 @@ def bench(
     where: bool | str = True if checksums == "auto" else checksums
     cfg = bench_mod.config(quick=quick, full=full, sizes=size_list, reps=reps, checksums=where)
     cfg.parent_dir = parent_dir
+    say = None if as_json else lambda text: click.echo(f"... {text}", err=True)
     try:
-        results = bench_mod.run(cfg, None if as_json else lambda text: click.echo(f"... {text}", err=True))
+        every = []
+        for i in range(runs):
+            if say is not None and runs > 1:
+                say(f"run {i + 1} of {runs}")
+            every.append(bench_mod.run(cfg, say))
     except GpuboError as e:
         raise _Failure(f"{type(e).__name__}: {e}") from e
+    results = bench_mod.combine_runs(every)
     click.echo(json.dumps(results, indent=2) if as_json else bench_mod.tables(results))
 
 

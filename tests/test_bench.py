@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from gpubo import format_bytes
 from gpubo.cli import main
 
 SECTIONS = (
@@ -135,3 +139,121 @@ def test_a_bad_checksums_choice_is_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["bench", "--checksums", "gpu"])
     assert result.exit_code == 2
     assert "'gpu' is not one of 'auto', 'host', 'device'" in result.output
+
+
+def _steady_median(series: dict) -> float:
+    """The median of a series' timed samples (the warm-up ones left out)."""
+    return statistics.median(series["samples_s"][series.get("warmup", 0) :])
+
+
+def test_every_goal_is_recomputed_from_the_samples_it_rests_on(results: dict) -> None:
+    """Each goal's value is rebuilt here from the raw timings of the
+    sections (not from the bench's own ratios), and its verdict from that
+    value: an inverted ratio, a wrong baseline or a flipped comparison fails."""
+    (last,) = results["runs_goals"]  # one run: its goals are the judged ones
+    assert last == [{k: v for k, v in g.items() if k not in ("values", "spread")} for g in results["goals"]]
+    goals = {g["goal"]: g for g in last}
+    seen: set[str] = set()
+
+    def check(name: str, value: float) -> None:
+        goal = goals[name]
+        assert math.isclose(goal["value"], value, rel_tol=1e-9), (name, goal["value"], value)
+        met = value >= goal["target"] if goal["higher"] else value <= goal["target"]
+        assert goal["met"] is met, name
+        seen.add(name)
+
+    for t in results["throughput"]:
+        if t["nbytes"] < 1 << 20:
+            continue
+        for c in t["cases"]:
+            where = f"{format_bytes(t['nbytes'])} {c['backend']}/{c['durability']}"
+            where += f"/checksums {c['checksums_where']}"
+            # Throughput ratios: the baseline's time over gpubo's.
+            check(f"evict/D2H {where}", _steady_median(c["paired_raw_d2h"]) / _steady_median(c["evict"]))
+            check(f"restore/H2D {where}", _steady_median(c["paired_raw_h2d"]) / _steady_median(c["restore"]))
+            after = _steady_median(c["paired_raw_d2h_writeback"]) / _steady_median(c["evict_after_writeback"])
+            check(f"evict/D2H after writeback {where}", after)
+    for b in results["batched"]:
+        if b["nbytes"] == 4096:
+            rate = b["count"] / statistics.median(b["batched_samples_s"])
+            check(f"4 KiB evictions per second, batched ({b['case']})", rate)
+        honest = statistics.median(b["raw_one_samples_s"]) / statistics.median(b["batched_samples_s"])
+        assert math.isclose(b["batched_vs_raw_one"], honest, rel_tol=1e-9)
+    s = results["staged"]
+    check("direct path / staged path", _steady_median(s["staged"]) / _steady_median(s["direct"]))
+    check(
+        "direct path host allocation / bytes evicted",
+        s["direct"]["tracemalloc_peak_bytes"] / s["total_bytes"],
+    )
+    z = results["zict"]
+    zict_time = statistics.median(z["zict_round_trip_samples_s"])
+    check(
+        "gpubo speed-up over zict (zict round-trip time / gpubo's)",
+        zict_time / statistics.median(z["gpubo_round_trip_samples_s"]),
+    )
+    b = results["bookkeeping"]
+    first, last = b[0], b[-1]
+    check(
+        f"4 KiB read: {last['bos']} BOs / {first['bos']} BOs (time)", last["read_4k_us"] / first["read_4k_us"]
+    )
+    decision = last["evict_decision_us"] / first["evict_decision_us"]
+    check(f"eviction decision: {last['bos']} BOs / {first['bos']} BOs (time)", decision)
+    g = results["gemm"]
+    in_memory = statistics.median(g["in_memory"]["samples_s"])
+    check(
+        "oversubscribed multiply speed / in-memory",
+        in_memory / statistics.median(g["oversubscribed"]["samples_s"]),
+    )
+    assert seen == set(goals), set(goals) - seen
+
+
+_PAIRED = {"evict_vs_d2h": "paired_raw_d2h", "evict_vs_durable": "paired_durable"}
+
+
+def test_evict_restore_quick_runs_and_its_verdicts_follow_from_its_samples() -> None:
+    """``benchmarks/evict_restore.py --quick --json``: every case ran, and each
+    goal's value and verdict are rebuilt from the samples of its row."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "evict_restore.py"), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    blob = json.loads(done.stdout)
+    (result,) = blob["results"]
+    assert result["nbytes"] == 1 << 20
+    cases = {(g["backend"], g["durability"], g["checksums"]): g for g in result["gpubo"]}
+    assert set(cases) == {
+        (b, d, c) for b in ("lmdb", "slotfile") for d in ("lazy", "sync") for c in (False, True)
+    }
+    assert blob["goals"], "the quick run checks no goal"
+    for goal in blob["goals"]:
+        row = cases[(goal["backend"], goal["durability"], goal["checksums"])]
+        value = _steady_median(row[_PAIRED[goal["measure"]]]) / _steady_median(row["evict"])
+        assert math.isclose(goal["value"], value, rel_tol=1e-9), goal
+        assert goal["met"] is (value >= goal["minimum"]), goal
+
+
+def test_goals_are_judged_on_the_median_over_runs_with_their_spread() -> None:
+    """A goal met in one run of three but not by their median is MISSED."""
+    from gpubo import bench
+
+    def run(a: float, b: float) -> dict:
+        return {
+            "elapsed_s": 1.0,
+            "goals": [
+                {"goal": "a", "value": a, "target": 0.9, "unit": "x", "higher": True, "met": a >= 0.9},
+                {"goal": "b", "value": b, "target": 1.5, "unit": "x", "higher": False, "met": b <= 1.5},
+            ],
+        }
+
+    out = bench.combine_runs([run(0.8, 1.0), run(0.95, 2.0), run(0.92, 1.7)])
+    a, b = out["goals"]
+    assert (a["value"], a["met"], a["spread"], a["values"]) == (0.92, True, [0.8, 0.95], [0.8, 0.95, 0.92])
+    assert (b["value"], b["met"], b["spread"]) == (1.7, False, [1.0, 2.0])
+    assert out["runs"] == 3 and out["elapsed_s"] == 3.0 and len(out["runs_goals"]) == 3
+    out = bench.combine_runs([run(0.95, 1.0), run(0.7, 1.0), run(0.8, 1.0)])
+    assert out["goals"][0]["met"] is False  # met in the first run only
