@@ -74,8 +74,9 @@ class Manager:
             ``$GPUBO_STORE`` says); the path
             of a store directory (created if missing), or a
             :class:`~gpubo.store.SwapStore` (then ``store_size``,
-            ``store_backend``, ``durability`` and ``checksums`` are its own,
-            and the manager closes it).
+            ``store_backend`` and ``durability`` are its own, whether it
+            keeps checksums too (``checksums`` then only says where:
+            ``False`` means the host), and the manager closes it).
         store_size: size of the store; also bounds the bytes of live BOs the
             manager admits, so that every BO can always be swapped out.
         store_backend: ``"lmdb"`` or ``"slotfile"``; None for the backend

@@ -8,7 +8,8 @@ store copies from that mapping into its memory-mapped storage; restore
 copies from a zero-copy, verified view of the store's storage into the
 device buffer (one copy command), or, for an entry larger than a chunk or
 with zero pages, maps the device buffer for writing (its old content
-discarded) and the store copies into it, verifying as it goes.
+discarded) and the store copies into it, verifying as it goes (with host
+checksums; device checksums are verified after the last copy, below).
 No host array the size of the buffer is ever allocated here.
 
 Checksums are computed on the host by the store as it copies (``host``), or

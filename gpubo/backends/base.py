@@ -70,9 +70,10 @@ class Backend(Protocol):
     def chunk_digests(
         self, buf: Any, nbytes: int, *, fresh: bool = False
     ) -> tuple[np.ndarray | None, np.ndarray]:
-        """Per 1 MiB chunk of ``buf``, its ``PAGE_DIGESTS`` checksum computed
-        on the device (uint64), and the per-page zero flags (or None);
-        ``fresh``: ``buf`` is being restored (off the kernels' queue)."""
+        """``(zero, digests)``: the per-page zero flags of ``buf`` (or None)
+        and, per 1 MiB chunk, its ``PAGE_DIGESTS`` checksum (uint64), both
+        computed on the device; ``fresh``: ``buf`` is being restored (off
+        the kernels' queue)."""
         ...
 
     def upload_at_nowait(self, buf: Any, data: np.ndarray, offset: int) -> Any: ...

@@ -100,19 +100,19 @@ _DIGEST_SOURCE = """
 #define PAGE 4096UL
 #define CHUNK_PAGES 256U
 
-inline ulong xx_round(ulong acc, ulong in)
+static inline ulong xx_round(ulong acc, ulong in)
 {
     acc += in * P2;
     return rotate(acc, 31UL) * P1;
 }
 
-inline ulong xx_merge(ulong h, ulong v)
+static inline ulong xx_merge(ulong h, ulong v)
 {
     h ^= xx_round(0UL, v);
     return h * P1 + P4;
 }
 
-inline ulong xx_avalanche(ulong h)
+static inline ulong xx_avalanche(ulong h)
 {
     h ^= h >> 33;
     h *= P2;
@@ -122,7 +122,7 @@ inline ulong xx_avalanche(ulong h)
     return h;
 }
 
-inline ulong xx_lanes(ulong v1, ulong v2, ulong v3, ulong v4)
+static inline ulong xx_lanes(ulong v1, ulong v2, ulong v3, ulong v4)
 {
     ulong h = rotate(v1, 1UL) + rotate(v2, 7UL) + rotate(v3, 12UL) + rotate(v4, 18UL);
     h = xx_merge(h, v1);
@@ -132,7 +132,7 @@ inline ulong xx_lanes(ulong v1, ulong v2, ulong v3, ulong v4)
 }
 
 /* XXH64 of len bytes at p (8-byte aligned); *nonzero |= any byte != 0. */
-ulong xx_page(__global const uchar *p, ulong len, ulong *nonzero)
+static ulong xx_page(__global const uchar *p, ulong len, ulong *nonzero)
 {
     __global const ulong *w = (__global const ulong *)p;
     ulong h, i = 0, any = 0;
@@ -174,7 +174,7 @@ ulong xx_page(__global const uchar *p, ulong len, ulong *nonzero)
 }
 
 /* XXH64 of n little-endian 8-byte words in local memory. */
-ulong xx_words(__local const ulong *w, uint n)
+static ulong xx_words(__local const ulong *w, uint n)
 {
     const ulong len = 8UL * n;
     ulong h;
@@ -372,7 +372,8 @@ class OpenCLBackend:
     kernels, reads and writes of BOs, and the copies out of them for an
     eviction; their order on it is what keeps them consistent.
     ``transfer_queue`` carries the copies into buffers that nothing else
-    uses yet (restores, zero fills of new or reused buffers), so that a
+    uses yet (restores and the device checksum check after them, zero
+    fills of new or reused buffers), so that a
     restore or a prefetch does not wait behind the kernels queued on
     ``queue``. Every command on it is waited for before its buffer is handed
     on, and a buffer reaches it only once its last use on ``queue`` is over:
@@ -691,7 +692,15 @@ class OpenCLBackend:
 
     def digests_available(self) -> str | None:
         """Build the checksum kernel (once); None when it runs here, else why not."""
+        if self._digest_kernel is not None:  # built: no lock needed to read it
+            return None
         with self._gather_lock:
+            if self._digest_kernel is None and self._digest_error is None and not self.device.endian_little:
+                # The digests are defined on little-endian words; a big-endian
+                # device would write digests that no host reader could verify.
+                self._digest_error = (
+                    "the device is big-endian (the checksum kernel reads little-endian words)"
+                )
             if self._digest_kernel is None and self._digest_error is None:
                 try:
                     program = cl.Program(self.context, _DIGEST_SOURCE).build()
@@ -712,11 +721,11 @@ class OpenCLBackend:
         """The checksums of the first ``nbytes`` of ``buf`` computed on the
         device, after the commands before it on ``queue`` (``fresh``: a
         buffer only restores use yet, on ``transfer_queue``, so that the
-        check of a restore does not wait behind queued kernels): one
-        ``gpubo.store.entry.PAGE_DIGESTS`` value per 1 MiB chunk (uint64),
-        and the per-page (4 KiB) "all zeros" flags (None when no page is
-        zero), found in the same pass. Only 8 bytes per chunk and one per
-        page cross to the host.
+        check of a restore does not wait behind queued kernels):
+        ``(zero, digests)``, the per-page (4 KiB) "all zeros" flags (None
+        when no page is zero) and one ``gpubo.store.entry.PAGE_DIGESTS``
+        value per 1 MiB chunk (uint64), found in one pass. Only one byte per
+        page and 8 per chunk cross to the host.
 
         Raises:
             DeviceError: the kernel does not build here

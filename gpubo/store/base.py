@@ -557,9 +557,10 @@ class SwapStore(RecordTable, ABC):
 
     def read_chunks(self, entry: Entry, sink: Chunks, label: str, *, verify: bool = True) -> None:
         """:meth:`read_into`, one chunk at a time: each chunk of ``sink`` is
-        filled (zero pages zero-filled), verified, then ``sink.filled(i)``
-        is called, in order. Raises as :meth:`read_into`; chunks before the
-        failing one were filled."""
+        filled (zero pages zero-filled), verified (as :meth:`read_into`
+        says for ``verify``), then ``sink.filled(i)`` is called, in order.
+        Raises as :meth:`read_into`; chunks before the failing one were
+        filled."""
         plans = plan_chunks(entry.nbytes, entry.zero_pages())
         self._read_chunks(entry, sink, plans, label, verify or entry.hashing != PAGE_DIGESTS)
 
