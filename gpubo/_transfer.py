@@ -5,12 +5,14 @@ takes a lock or changes bookkeeping.
 
 Both directions copy exactly once: eviction maps the device buffer and the
 store copies from that mapping into its memory-mapped storage; restore
-copies from a zero-copy, verified view of the store's storage into the
-device buffer (one copy command), or, for an entry larger than a chunk or
-with zero pages, maps the device buffer for writing (its old content
-discarded) and the store copies into it, verifying as it goes (with host
-checksums; device checksums are verified after the last copy, below).
-No host array the size of the buffer is ever allocated here.
+copies from zero-copy views of the store's storage into the device buffer
+(one copy command per stored chunk, each chunk hashed while the device
+copies it, so verification costs no time of its own where the copy runs on
+another core), or, for an entry with zero pages (or one the store cannot
+lend), maps the device buffer for writing (its old content discarded) and
+the store copies into it, verifying as it goes (with host checksums; device
+checksums are verified after the last copy, below). No host array the size
+of the buffer is ever allocated here.
 
 Checksums are computed on the host by the store as it copies (``host``), or
 on the device (``device``): a kernel hashes the BO's pages where they are,
@@ -50,6 +52,7 @@ DEVICE_CHECKSUM_MIN_BYTES = CHUNK_BYTES
 __all__ = [
     "CHECKSUMS",
     "DEVICE_CHECKSUM_MIN_BYTES",
+    "OVERLAP_MIN_BYTES",
     "TRANSFERS",
     "BounceTransfer",
     "MapTransfer",
@@ -60,6 +63,7 @@ __all__ = [
     "swap_in_batch",
     "swap_out",
     "swap_out_batch",
+    "upload_lent",
     "write_bytes",
     "zero_fill",
 ]
@@ -130,43 +134,81 @@ def swap_in_batch(
     """Overwrite each ``buf`` of ``parts`` (``(entry, buf, label)``) with its
     entry's verified bytes (``verify=False``: entries with
     :data:`~gpubo.store.entry.PAGE_DIGESTS` are left for the caller to
-    verify on the device). Every entry the store can lend as one run (one
-    chunk at most, no zero page) is verified first, then one copy command
-    each is enqueued straight from the store and all are waited for together
-    (a blocking copy would pay a round trip to the device each). The others
-    are copied into a mapping of their buffer, verified chunk by chunk.
+    verify on the device). Every entry the store can lend (no zero page) is
+    copied straight from the store (:func:`upload_lent`); the others are
+    copied into a mapping of their buffer, verified chunk by chunk.
 
     Raises:
-        IntegrityError: stored bytes fail verification; nothing was copied
-            from the lent entries, and the buffers' content is undefined.
+        IntegrityError: stored bytes fail verification; the buffers'
+            content is undefined.
         StoreError, DeviceError, OutOfDeviceMemory: a copy failed; the
             buffers' content is undefined.
     """
-    entries = [e for e, _, _ in parts]
-    with store.verified_views(entries, [label for _, _, label in parts], verify=verify) as views:
-        lent = [
-            (buf, np.frombuffer(view, np.uint8))
-            for (_, buf, _), view in zip(parts, views, strict=True)
-            if view
-        ]
-        events: list[Any] = []
-        try:
-            for buf, data in lent[:-1]:
-                events.append(backend.upload_nowait(buf, data))
-            if lent:
-                # The last copy blocks: the queue is in order, so the others
-                # are done by then (see BENCHMARKS.md for what a lone copy costs).
-                backend.upload(*lent[-1], 0, fresh=True)
-        except BaseException:
-            with contextlib.suppress(GpuboError):
-                backend.wait(events)  # the views must outlive every copy from them
-            raise
-        backend.wait(events)  # done already; a failed copy shows here
-        done = [view is not None for view in views]
+    done = upload_lent(backend, store, parts, verify, None)
     for (entry, buf, label), copied in zip(parts, done, strict=True):
         if not copied:
             with backend.map_write(buf, entry.nbytes) as view:
                 store.read_into(entry, view, label, verify=verify)
+
+
+#: Lent chunks at least this big are hashed while the device copies them;
+#: smaller ones are hashed first (a copy left in flight and waited for costs
+#: more, on PoCL, than a blocking one: see BENCHMARKS.md).
+OVERLAP_MIN_BYTES = 256 << 10
+
+
+def upload_lent(
+    backend: Backend,
+    store: SwapStore,
+    parts: Sequence[tuple[Entry, Any, str]],
+    verify: bool,
+    max_chunks: int | None,
+) -> list[bool]:
+    """Copy every entry of ``parts`` that the store lends
+    (:meth:`SwapStore.lent_chunks`, at most ``max_chunks`` chunks) into its
+    buffer, one copy command per stored run, all waited for together (each
+    blocking copy would pay a round trip to the device). A chunk of at least
+    :data:`OVERLAP_MIN_BYTES` is verified right after its copy is enqueued,
+    so the host hashes it while the device copies it; a smaller one is
+    verified before, and a last copy that small blocks (the queue is in
+    order: the others are done by then). Returns, per part, whether it was
+    copied.
+
+    Raises:
+        IntegrityError: a chunk fails verification; every copy enqueued was
+            waited for, and the buffers' content is undefined.
+        StoreError, DeviceError, OutOfDeviceMemory: as :func:`swap_in_batch`.
+    """
+    entries = [e for e, _, _ in parts]
+    with store.lent_chunks(entries, [label for _, _, label in parts], max_chunks=max_chunks) as lent:
+        copies = [
+            (entry, buf, label, index, segments)
+            for (entry, buf, label), chunks in zip(parts, lent, strict=True)
+            if chunks is not None
+            for index, segments in enumerate(chunks)
+        ]
+        events: list[Any] = []
+        try:
+            for k, (entry, buf, label, index, segments) in enumerate(copies):
+                small = sum(seg.nbytes for seg in segments) < OVERLAP_MIN_BYTES
+                if small:
+                    store.check_lent(entry, index, segments, label, verify=verify)
+                offset = index * CHUNK_BYTES
+                for j, segment in enumerate(segments):
+                    data = np.frombuffer(segment, np.uint8)
+                    if small and k == len(copies) - 1 and j == len(segments) - 1:
+                        backend.upload(buf, data, offset, fresh=True)
+                    else:
+                        events.append(backend.upload_at_nowait(buf, data, offset))
+                    offset += segment.nbytes
+                if not small:
+                    store.check_lent(entry, index, segments, label, verify=verify)
+        except BaseException:
+            with contextlib.suppress(GpuboError):
+                backend.wait(events)  # the views must outlive every copy from them
+            raise
+        backend.wait(events)  # a failed copy shows here
+        return [chunks is not None for chunks in lent]
 
 
 # -- transfer strategies --------------------------------------------------------------
@@ -314,21 +356,7 @@ class BounceTransfer(MapTransfer):
     def _copy_in(self, parts: Sequence[tuple[Entry, Any, str]], verify: bool) -> None:
         """Entries the store can lend go straight to the device (no map);
         the others stream through the bounce buffers."""
-        entries = [e for e, _, _ in parts]
-        with self.store.verified_views(entries, [label for _, _, label in parts], verify=verify) as views:
-            lent = [
-                (buf, np.frombuffer(v, np.uint8)) for (_, buf, _), v in zip(parts, views, strict=True) if v
-            ]
-            events: list[Any] = []
-            try:
-                for buf, data in lent:
-                    events.append(self.backend.upload_nowait(buf, data))
-            except BaseException:
-                with contextlib.suppress(GpuboError):
-                    self.backend.wait(events)  # the views must outlive every copy from them
-                raise
-            self.backend.wait(events)  # a failed copy shows here
-            done = [view is not None for view in views]
+        done = upload_lent(self.backend, self.store, parts, verify, 1)
         for (entry, buf, label), copied in zip(parts, done, strict=True):
             if not copied:
                 with self._lock:

@@ -1367,6 +1367,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         },
         "limit": [{"nbytes": t["nbytes"], **t["limit"]} for t in throughput],
         "throughput": [{"nbytes": t["nbytes"], "cases": t["cases"]} for t in throughput],
+        "fixed_cost": fixed_costs(throughput),
         "batched": batched,
         "staged": staged,
         "zict": peer,
@@ -1377,6 +1378,40 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     results["goals"] = goals(results)
     results["elapsed_s"] = time.perf_counter() - start
     return results
+
+
+def fixed_costs(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case, the fixed cost of an eviction and of a restore (and of the
+    raw copies paired with them): the median time at the smallest size
+    minus that size's bytes at the copy rate, the paired raw copy's rate at
+    the largest size. Empty unless the sizes span at least 1 MiB."""
+    if len(throughput) < 2 or throughput[-1]["nbytes"] < MiB:
+        return []
+    small, large = throughput[0], throughput[-1]
+    n = small["nbytes"]
+    rows = []
+    for c, big in zip(small["cases"], large["cases"], strict=True):
+        d2h = big["paired_raw_d2h"]["median_gbps"] * 1e9  # bytes/s
+        h2d = big["paired_raw_h2d"]["median_gbps"] * 1e9
+        row: dict[str, Any] = {
+            "nbytes": n,
+            "backend": c["backend"],
+            "durability": c["durability"],
+            "checksums_where": c["checksums_where"],
+            "d2h_rate_gbps": d2h / 1e9,
+            "h2d_rate_gbps": h2d / 1e9,
+        }
+        for name, series, rate in (
+            ("evict", "evict", d2h),
+            ("restore", "restore", h2d),
+            ("raw_d2h", "paired_raw_d2h", d2h),
+            ("raw_h2d", "paired_raw_h2d", h2d),
+        ):
+            us = c[series]["median_s"] * 1e6
+            row[f"{name}_us"] = us
+            row[f"{name}_fixed_us"] = us - n / rate * 1e6
+        rows.append(row)
+    return rows
 
 
 def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1537,6 +1572,29 @@ def tables(results: dict[str, Any]) -> str:
             rows,
         )
     )
+    if results.get("fixed_cost"):
+        parts += [
+            "",
+            "2a. Fixed cost per operation (us): the median time at the smallest size minus its bytes "
+            "at the copy rate (the paired raw copy's rate at the largest size); the raw copies' own "
+            "fixed cost beside it, for what the device's round trip costs by itself",
+            render_table(
+                ["size", "backend", "durability", "checksums", "evict", "raw D2H", "restore", "raw H2D"],
+                [
+                    [
+                        fmt(r["nbytes"]),
+                        r["backend"],
+                        r["durability"],
+                        r["checksums_where"],
+                        _f(r["evict_fixed_us"], 0),
+                        _f(r["raw_d2h_fixed_us"], 0),
+                        _f(r["restore_fixed_us"], 0),
+                        _f(r["raw_h2d_fixed_us"], 0),
+                    ]
+                    for r in results["fixed_cost"]
+                ],
+            ),
+        ]
     if results.get("batched"):
         parts += [
             "",

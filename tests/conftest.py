@@ -19,6 +19,8 @@ import pyopencl as cl
 import pytest
 
 import gpubo
+from gpubo.store.entry import plan_chunks
+from gpubo.store.hashing import hash_plans_async
 
 #: Adds 1 (mod 256) to every byte of ``p``; launch with global size = nbytes.
 INC_SRC = """
@@ -179,6 +181,9 @@ def _pocl_warm() -> None:
         m.launch(inc, (4096,), None, bo).wait()
         bo.evict()
         assert (bo.read() == 1).all()
+    # Large entries are hashed on the store's worker thread, which then stays
+    # for the process, as PoCL's threads do (gpubo.store.hashing).
+    hash_plans_async(memoryview(bytes(4096)), plan_chunks(4096, None)).result(timeout=60)
     gc.collect()
 
 

@@ -18,6 +18,7 @@ from gpubo.cli import main
 SECTIONS = (
     "machine", "config", "limit", "throughput", "batched", "staged", "zict", "bookkeeping", "gemm", "overlap",
     "goals",
+    "fixed_cost",
 )  # fmt: skip
 
 
@@ -207,6 +208,29 @@ def test_every_goal_is_recomputed_from_the_samples_it_rests_on(results: dict) ->
     assert seen == set(goals), set(goals) - seen
 
 
+def test_fixed_costs_are_the_small_size_time_less_its_bytes_at_the_copy_rate(results: dict) -> None:
+    """Rebuilt from the samples: the 4 KiB median time minus 4 KiB at the
+    largest size's paired raw rate, for every case, gpubo's and the raw copy's."""
+    small, large = results["throughput"][0], results["throughput"][-1]
+    rows = results["fixed_cost"]
+    assert len(rows) == len(small["cases"]) > 0
+    n = small["nbytes"]
+    for row, c, big in zip(rows, small["cases"], large["cases"], strict=True):
+        assert (row["backend"], row["durability"]) == (c["backend"], c["durability"])
+        d2h = large["nbytes"] / _steady_median(big["paired_raw_d2h"])
+        h2d = large["nbytes"] / _steady_median(big["paired_raw_h2d"])
+        for name, series, rate in (
+            ("evict", "evict", d2h),
+            ("restore", "restore", h2d),
+            ("raw_d2h", "paired_raw_d2h", d2h),
+            ("raw_h2d", "paired_raw_h2d", h2d),
+        ):
+            want = (_steady_median(c[series]) - n / rate) * 1e6
+            assert math.isclose(row[f"{name}_fixed_us"], want, rel_tol=1e-9, abs_tol=1e-6), (name, row)
+        # A whole eviction costs more than the bytes alone would at the copy rate.
+        assert row["evict_us"] > row["evict_fixed_us"]
+
+
 _PAIRED = {"evict_vs_d2h": "paired_raw_d2h", "evict_vs_durable": "paired_durable"}
 
 
@@ -257,3 +281,97 @@ def test_goals_are_judged_on_the_median_over_runs_with_their_spread() -> None:
     assert out["runs"] == 3 and out["elapsed_s"] == 3.0 and len(out["runs_goals"]) == 3
     out = bench.combine_runs([run(0.95, 1.0), run(0.7, 1.0), run(0.8, 1.0)])
     assert out["goals"][0]["met"] is False  # met in the first run only
+
+
+def test_compare_runs_sets_each_goal_of_one_build_beside_the_other(results: dict, tmp_path: Path) -> None:
+    """``benchmarks/compare_runs.py``: a run compared with itself gives each
+    goal the same value and verdict on both sides, and the fixed costs it
+    recomputes match the run's own section 2a; a side of two runs is
+    judged on their median."""
+    root = Path(__file__).resolve().parent.parent
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(results))
+    script = str(root / "benchmarks" / "compare_runs.py")
+
+    def run(*args: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, script, *args, "--json"], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    same = run("--before", str(path), "--after", str(path))
+    assert [r["goal"] for r in same["goals"]] == [g["goal"] for g in results["goals"]]
+    for row, goal in zip(same["goals"], results["goals"], strict=True):
+        assert row["before"] == row["after"] == goal["value"]
+        assert row["before_met"] is row["after_met"] is goal["met"]
+    for row in results["fixed_cost"]:
+        label = f"{row['backend']}/{row['durability']}/checksums {row['checksums_where']}"
+        assert math.isclose(same["fixed_cost_after"][label]["evict_fixed_us"], row["evict_fixed_us"])
+    # A slower copy of the run: every eviction and restore takes twice as long.
+    slow = json.loads(json.dumps(results))
+    for t in slow["throughput"]:
+        for c in t["cases"]:
+            for name in ("evict", "restore"):
+                c[name]["samples_s"] = [2 * s for s in c[name]["samples_s"]]
+    slow["goals"] = [
+        {**g, "value": g["value"] / 2} if g["goal"].startswith(("evict/", "restore/")) else g
+        for g in results["goals"]
+    ]
+    slow_path = tmp_path / "slow.json"
+    slow_path.write_text(json.dumps(slow))
+    two = run("--before", str(path), str(slow_path), "--after", str(path))
+    for row, goal in zip(two["goals"], results["goals"], strict=True):
+        if goal["goal"].startswith(("evict/", "restore/")):
+            assert math.isclose(row["before"], 0.75 * goal["value"]), row  # median of 1x and 0.5x
+            assert row["before_spread"] == [goal["value"] / 2, goal["value"]]
+    bad = subprocess.run(
+        [sys.executable, script, "--before", str(tmp_path / "missing.json"), "--after", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hash_overlap_quick_runs_and_its_ratios_follow_from_its_samples() -> None:
+    """``benchmarks/hash_overlap.py --quick --json``: both backends at both
+    sizes, each ratio the aside median over the inline one, and the inline
+    side leaves the module settings as it found them."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "hash_overlap.py"), "--quick", "--reps", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)["results"]
+    assert {(r["nbytes"], r["backend"]) for r in rows} == {
+        (n, b) for n in (1 << 20, 16 << 20) for b in ("lmdb", "slotfile")
+    }
+    for r in rows:
+        s = r["samples_s"]
+        assert all(len(v) == 2 for v in s.values())
+        for op in ("evict", "restore"):
+            want = statistics.median(s[f"{op}_aside"]) / statistics.median(s[f"{op}_inline"])
+            assert math.isclose(r[f"{op}_aside_vs_inline"], want, rel_tol=1e-9)
+
+
+def test_the_inline_setting_of_hash_overlap_is_undone() -> None:
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import hash_overlap
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    import gpubo._transfer as transfer
+    import gpubo.store.base as store_base
+
+    before = store_base.PARALLEL_HASH_MIN_BYTES, transfer.OVERLAP_MIN_BYTES
+    with pytest.raises(RuntimeError), hash_overlap.inline():
+        assert store_base.PARALLEL_HASH_MIN_BYTES > 1 << 40 and transfer.OVERLAP_MIN_BYTES > 1 << 40
+        raise RuntimeError("a failed timing")
+    assert before == (store_base.PARALLEL_HASH_MIN_BYTES, transfer.OVERLAP_MIN_BYTES)

@@ -186,6 +186,55 @@ def test_a_flipped_byte_in_the_store_is_caught_on_the_device(
     check_budget(m)
 
 
+@pytest.mark.parametrize(
+    ("nbytes", "chunk"),
+    [(3 * MiB, 2), (3 * MiB, 0), (2 * MiB + 64 * KiB, 2), (64 * KiB, 0)],
+)  # hashed while the device copies it (>= 256 KiB), or before a blocking copy (the small last chunk)
+@pytest.mark.parametrize("transfer", TRANSFERS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flipped_byte_is_caught_by_the_host_while_the_lent_chunks_copy(
+    tmp_path: Path, make_mgr: MakeMgr, backend: str, transfer: str, nbytes: int, chunk: int
+) -> None:
+    """A restore copies lent store chunks to the device and hashes each one
+    as it copies: a flipped byte in any chunk is still an IntegrityError
+    naming the BO and that chunk, the BO stays swapped with its budget
+    given back, and another BO restored in the same batch is intact."""
+    store = tmp_path / "s"
+    m = make_mgr(
+        budget="32MiB",
+        store=str(store),
+        store_size="64MiB",
+        store_backend=backend,
+        transfer=transfer,
+        checksums="host",
+    )
+    data = pattern(nbytes, 11)
+    other_data = pattern(nbytes, 12)
+    bo = m.alloc(data.nbytes, name="weights")
+    bo.write(data)
+    other = m.alloc(other_data.nbytes, name="other")
+    other.write(other_data)
+    m.evict(m.stats().resident_bytes)
+    assert bo.state is other.state is gpubo.State.SWAPPED
+    at = chunk * MiB + 4096 if nbytes > 4096 * 3 else 4096
+    _flip_stored_byte(store, backend, data[at : at + 64].tobytes(), 10)
+    resident = m.stats().resident_bytes
+    done_other, done_bo = m.prefetch([other, bo])  # restored together when small enough
+    done_other.result(timeout=60)
+    with pytest.raises(
+        gpubo.IntegrityError, match=f"checksum mismatch in the store at byte {chunk * MiB} "
+    ) as info:
+        done_bo.result(timeout=60)
+    assert info.value.offset == chunk * MiB
+    assert "weights" in str(info.value)
+    assert bo.state is gpubo.State.SWAPPED
+    with pytest.raises(gpubo.IntegrityError):
+        bo.read()  # still refused: the damaged bytes are never handed out
+    assert np.array_equal(other.read(np.uint8), other_data)
+    assert m.stats().resident_bytes >= resident
+    check_budget(m)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("first", "then"), [("device", "host"), ("host", "device"), ("device", False)])
 def test_a_store_written_with_one_setting_reads_with_the_other(

@@ -13,18 +13,21 @@ child process that dies without closing its store.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import struct
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
+import xxhash
 from conftest import AXPY_SRC, INC_SRC, footprint_of, stored_units_of
 
 import gpubo
@@ -39,6 +42,7 @@ from gpubo.store import (
     open_store,
 )
 from gpubo.store.base import FORMAT_VERSION, Entry
+from gpubo.store.entry import XXH3
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -1065,6 +1069,115 @@ def test_anonymous_bos_of_a_dead_process_are_reclaimed(
 
 
 # -- verified views (one copy straight from the store to the device) ----------
+
+
+def _stored_xxh3s(data: np.ndarray) -> list[int | None]:
+    """Per chunk, the xxh3-64 of its pages that are not all zeros, in order
+    (None when every page is zero): computed here, apart from the store."""
+    sums: list[int | None] = []
+    for start in range(0, data.nbytes, MiB):
+        chunk = data[start : start + MiB]
+        pages = [chunk[p : p + PAGE_BYTES] for p in range(0, chunk.nbytes, PAGE_BYTES)]
+        kept = [page for page in pages if page.any()]
+        sums.append(xxhash.xxh3_64_intdigest(np.concatenate(kept).tobytes()) if kept else None)
+    return sums
+
+
+@pytest.mark.parametrize(("backend", "durability"), COMBOS)
+def test_large_entries_hashed_on_the_worker_keep_the_checksums_of_their_stored_bytes(
+    stores: Callable[..., SwapStore], tmp_path: Path, backend: str, durability: str
+) -> None:
+    """Entries of 4 MiB and more are hashed on a second thread while they
+    are copied: the checksums are still each chunk's stored bytes (zero
+    pages left out, also inside a chunk), reads verify them, and a flipped
+    stored byte is still caught."""
+    s = stores(tmp_path / "s", 64 * MiB, backend=backend, durability=durability)
+    plain = data_of(4 * MiB, 5)
+    holes = data_of(6 * MiB + 12345, 6)
+    holes[MiB + 3 * PAGE_BYTES : MiB + 7 * PAGE_BYTES] = 0  # zero pages inside chunk 1
+    holes[3 * MiB : 4 * MiB] = 0  # a chunk of zero pages only
+    first = write(s, plain)
+    for data in (plain, holes):
+        e = first if data is plain else write(s, data)
+        assert e.hashing == XXH3
+        assert list(e.checksums or ()) == _stored_xxh3s(data)
+        assert np.array_equal(read(s, e), data)
+    # A flipped stored byte in chunk 2 of the plain entry.
+    path = tmp_path / "s" / ("slots.bin" if backend == "slotfile" else "data.mdb")
+    needle = plain[2 * MiB + 100 : 2 * MiB + 164].tobytes()
+    raw = path.read_bytes()
+    at = raw.find(needle)
+    assert at >= 0
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([raw[at] ^ 0x01]))
+        f.flush()
+        os.fsync(f.fileno())
+    with pytest.raises(gpubo.IntegrityError) as info:
+        read(s, first)
+    assert info.value.offset == 2 * MiB
+
+
+def test_a_forked_child_hashes_large_entries_on_its_own_worker(tmp_path: Path) -> None:
+    """The parent's hashing thread does not exist in a forked child: the
+    child's first large write must start its own (not wait forever)."""
+    data = data_of(4 * MiB, 7)
+    parent = open_store(tmp_path / "parent", 32 * MiB)
+    try:
+        write(parent, data)  # the worker thread now runs in this process
+    finally:
+        parent.close()
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if a large write completes with the right checksums
+        code = 1
+        try:
+            child = open_store(tmp_path / "child", 32 * MiB)
+            e = write(child, data)
+            code = 0 if list(e.checksums or ()) == _stored_xxh3s(data) else 3
+            child.close()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's large write hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(("backend", "durability"), COMBOS)
+def test_lent_chunks_lend_each_chunk_of_an_entry_without_zero_pages(
+    stores: Callable[..., SwapStore], tmp_path: Path, backend: str, durability: str
+) -> None:
+    """lent_chunks: per chunk, read-only segments that together are the
+    chunk's bytes; None for entries with zero pages, over ``max_chunks``,
+    or under ``direct``; check_lent accepts each good chunk."""
+    s = stores(tmp_path / "s", 32 * MiB, backend=backend, durability=durability)
+    big = data_of(3 * MiB + 100, 8)
+    small = data_of(5000, 9)
+    holed = data_of(2 * MiB, 10)
+    holed[PAGE_BYTES : 2 * PAGE_BYTES] = 0
+    entries = [write(s, d) for d in (big, small, holed)]
+    labels = ["big", "small", "holed"]
+    with s.lent_chunks(entries, labels) as lent:
+        if durability == "direct":
+            assert lent == [None, None, None]
+            return
+        assert lent[2] is None
+        for data, entry, label, chunks in zip((big, small), entries, labels, lent, strict=False):
+            assert chunks is not None and len(chunks) == -(-data.nbytes // MiB)
+            for index, segments in enumerate(chunks):
+                assert all(seg.readonly for seg in segments)
+                got = np.concatenate([np.frombuffer(seg, np.uint8) for seg in segments])
+                assert np.array_equal(got, data[index * MiB : (index + 1) * MiB])
+                s.check_lent(entry, index, segments, label)
+    with s.lent_chunks(entries, labels, max_chunks=1) as lent:
+        assert lent[0] is None and lent[1] is not None
 
 
 @pytest.mark.parametrize(("backend", "durability"), COMBOS)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -71,6 +72,7 @@ from gpubo.store.entry import (
     scan_zero_pages,
     steps,
 )
+from gpubo.store.hashing import PARALLEL_HASH_MIN_BYTES, copy_hashing_aside
 from gpubo.store.integrity import STATE_NAME, StoreState, check_lmdb_file, read_state
 from gpubo.store.private import PrivateDir
 from gpubo.store.records import RecordTable
@@ -84,11 +86,15 @@ __all__ = [
     "Durability",
     "Entry",
     "FsckReport",
+    "LentChunks",
     "SwapStore",
     "ViewChunks",
+    "hashes_stream",
     "plan_chunks",
     "scan_zero_pages",
     "steps",
+    "verify_chunk",
+    "zero_fill_plan",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,51 @@ _LOCK_NAME = "gpubo.lock"
 #: The files a failed open of a new store removes if it made them (not the
 #: lock file: removing it could split the next two openers' locks).
 _STORE_FILES = frozenset({STATE_NAME, "data.mdb", "lock.mdb", "slots.bin", "slots.bin.tmp"})
+
+#: What :meth:`SwapStore.lent_chunks` lends of one entry: per chunk, its
+#: stored bytes as one or more read-only segments, in order.
+LentChunks = list[list[memoryview]]
+
+
+def verify_chunk(
+    entry: Entry, index: int, hasher: Hasher, label: str, filled: memoryview | np.ndarray | None
+) -> None:
+    """Check chunk ``index`` of ``entry``: ``hasher`` fed its stored bytes
+    (:data:`~gpubo.store.entry.XXH3`), or ``filled``, the chunk as the BO
+    holds it (:data:`~gpubo.store.entry.PAGE_DIGESTS`).
+
+    Raises:
+        IntegrityError: it fails its checksum.
+    """
+    if entry.checksums is None:
+        return
+    want = entry.checksums[index]
+    if entry.hashing == XXH3:
+        got = hasher.digest()
+    elif want is None:
+        return
+    else:
+        assert filled is not None
+        got = page_digest(filled)
+    if got != want:
+        offset = index * CHUNK_BYTES
+        raise IntegrityError(
+            f"{label}: checksum mismatch in the store at byte {offset} (chunk {index})",
+            bo=label,
+            offset=offset,
+        )
+
+
+def zero_fill_plan(plan: ChunkPlan, out: np.ndarray) -> None:
+    """Zero the zero pages of ``plan`` in ``out``, its chunk's bytes."""
+    base = plan.index * CHUNK_BYTES
+    for start, end in plan.zeros:
+        out[start - base : end - base] = 0
+
+
+def hashes_stream(entry: Entry, verify: bool) -> bool:
+    """Whether a read of ``entry`` hashes its stored bytes as it copies them."""
+    return verify and entry.checksums is not None and entry.hashing == XXH3
 
 
 class SwapStore(RecordTable, ABC):
@@ -290,8 +341,8 @@ class SwapStore(RecordTable, ABC):
         self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
     ) -> None:
         """For each plan in order: fill chunk ``plan.index`` of ``dst`` with
-        its stored bytes and zero pages (:meth:`_zero_fill`), verify it
-        (:meth:`_verify`; :meth:`_hashes_stream` says whether to feed its
+        its stored bytes and zero pages (:func:`zero_fill_plan`), verify it
+        (:func:`verify_chunk`; :func:`hashes_stream` says whether to feed its
         stored bytes to a :class:`Hasher` as they are copied) unless not
         ``verify``, then ``dst.filled(plan.index)``."""
 
@@ -513,7 +564,12 @@ class SwapStore(RecordTable, ABC):
         try:
             if stored:
                 assert src is not None
-                sums = self._write_chunks(key, extents, src, plans, self.checksums and digests is None)
+                hashed = self.checksums and digests is None
+                if hashed and stored >= PARALLEL_HASH_MIN_BYTES and isinstance(src, ViewChunks):
+                    copy = functools.partial(self._write_chunks, key, extents, src, plans, False)
+                    sums = copy_hashing_aside(copy, src.view, plans)  # hashed on a second core
+                else:
+                    sums = self._write_chunks(key, extents, src, plans, hashed)
             else:
                 sums = [None] * len(plans)
             if digests is not None:  # a chunk with nothing stored is zeros: nothing to verify
@@ -564,13 +620,6 @@ class SwapStore(RecordTable, ABC):
         plans = plan_chunks(entry.nbytes, entry.zero_pages())
         self._read_chunks(entry, sink, plans, label, verify or entry.hashing != PAGE_DIGESTS)
 
-    @staticmethod
-    def _zero_fill(plan: ChunkPlan, out: np.ndarray) -> None:
-        """Zero the zero pages of ``plan`` in ``out``, its chunk's bytes."""
-        base = plan.index * CHUNK_BYTES
-        for start, end in plan.zeros:
-            out[start - base : end - base] = 0
-
     @contextlib.contextmanager
     def verified_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
         """Context manager: a zero-copy, read-only view of a one-chunk entry's
@@ -600,69 +649,75 @@ class SwapStore(RecordTable, ABC):
                 checksum (``bo`` names its label); nothing is lent.
             StoreError: the store failed.
         """
-        lendable = [
-            i
-            for i, e in enumerate(entries)
-            if e.nbytes <= CHUNK_BYTES and e.zeromap is None and e.stored_bytes == e.nbytes
-        ]
-        views: list[memoryview | None] = [None] * len(entries)
-        with self._stored_views([entries[i] for i in lendable], [labels[i] for i in lendable]) as lent:
-            for i, view in zip(lendable, lent, strict=True):
-                entry = entries[i]
-                if view is not None and (verify or entry.hashing != PAGE_DIGESTS):
-                    hasher = Hasher(self._hashes_stream(entry, True))
-                    hasher.add(view)
-                    self._verify(entry, plan_chunks(entry.nbytes, None)[0], hasher, labels[i], view)
-                views[i] = view
+        with self.lent_chunks(entries, labels, max_chunks=1) as lent:
+            views: list[memoryview | None] = []
+            for entry, label, chunks in zip(entries, labels, lent, strict=True):
+                if chunks is None or len(chunks[0]) != 1:
+                    views.append(None)
+                    continue
+                self.check_lent(entry, 0, chunks[0], label, verify=verify)
+                views.append(chunks[0][0])
             yield views
 
     @contextlib.contextmanager
-    def _stored_views(self, entries: list[Entry], labels: list[str]) -> Iterator[list[memoryview | None]]:
-        """Backend part of :meth:`verified_views`: unverified views (or None
-        each), valid until the block ends; by default one
-        :meth:`_stored_view` each."""
-        with contextlib.ExitStack() as stack:
-            yield [
-                stack.enter_context(self._stored_view(e, label))
-                for e, label in zip(entries, labels, strict=True)
-            ]
+    def lent_chunks(
+        self, entries: Sequence[Entry], labels: Sequence[str], *, max_chunks: int | None = None
+    ) -> Iterator[list[LentChunks | None]]:
+        """Context manager: zero-copy, read-only views of the stored bytes of
+        each entry, *not yet verified*, for copies straight to the device:
+        per entry, one list of segments per chunk (the chunk's bytes in
+        order, in one piece unless the store holds them in several runs),
+        or None where the store cannot lend the entry (zero pages in it,
+        more than ``max_chunks`` chunks, ``direct`` durability, an LMDB chunk
+        written in pages): read it with :meth:`read_into`. All views stay
+        valid until the ``with`` block ends (one LMDB read transaction).
 
-    @contextlib.contextmanager
-    def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
-        """The unverified view of one entry, or None (the backend has none)."""
-        yield None
-
-    @staticmethod
-    def _hashes_stream(entry: Entry, verify: bool) -> bool:
-        """Whether a read of ``entry`` hashes its stored bytes as it copies them."""
-        return verify and entry.checksums is not None and entry.hashing == XXH3
-
-    def _verify(
-        self, entry: Entry, plan: ChunkPlan, hasher: Hasher, label: str, filled: memoryview | np.ndarray
-    ) -> None:
-        """Check chunk ``plan`` of ``entry``: ``hasher`` fed its stored bytes
-        (:data:`~gpubo.store.entry.XXH3`), or ``filled``, the chunk as the
-        BO holds it (:data:`~gpubo.store.entry.PAGE_DIGESTS`).
+        The caller checks each chunk with :meth:`check_lent`, typically
+        right after enqueueing its copy, so that hashing runs while the
+        device copies; a chunk that fails must not be handed out.
 
         Raises:
-            IntegrityError: it fails its checksum.
+            IntegrityError: a stored chunk is truncated.
+            StoreError: the store failed.
         """
-        if entry.checksums is None:
+        lendable = [
+            i
+            for i, e in enumerate(entries)
+            if e.zeromap is None
+            and e.stored_bytes == e.nbytes
+            and (max_chunks is None or e.nbytes <= max_chunks * CHUNK_BYTES)
+        ]
+        out: list[LentChunks | None] = [None] * len(entries)
+        with self._lend([entries[i] for i in lendable], [labels[i] for i in lendable]) as lent:
+            for i, chunks in zip(lendable, lent, strict=True):
+                out[i] = chunks
+            yield out
+
+    def check_lent(
+        self, entry: Entry, index: int, segments: Sequence[memoryview], label: str, *, verify: bool = True
+    ) -> None:
+        """Verify chunk ``index`` of ``entry`` from its lent ``segments``
+        (:meth:`lent_chunks`). ``verify=False``: as for :meth:`read_into`.
+
+        Raises:
+            IntegrityError: the chunk fails its checksum.
+        """
+        if entry.checksums is None or (not verify and entry.hashing == PAGE_DIGESTS):
             return
-        want = entry.checksums[plan.index]
         if entry.hashing == XXH3:
-            got = hasher.digest()
-        elif want is None:
-            return
+            hasher = Hasher()
+            for segment in segments:
+                hasher.add(segment)
+            verify_chunk(entry, index, hasher, label, None)
         else:
-            got = page_digest(filled)
-        if got != want:
-            offset = plan.index * CHUNK_BYTES
-            raise IntegrityError(
-                f"{label}: checksum mismatch in the store at byte {offset} (chunk {plan.index})",
-                bo=label,
-                offset=offset,
-            )
+            whole = segments[0] if len(segments) == 1 else memoryview(np.concatenate(segments).data)
+            verify_chunk(entry, index, Hasher(False), label, whole)
+
+    @contextlib.contextmanager
+    def _lend(self, entries: list[Entry], labels: list[str]) -> Iterator[list[LentChunks | None]]:
+        """Backend part of :meth:`lent_chunks` (entries without zero pages):
+        unverified segments per chunk, or None each; by default none."""
+        yield [None] * len(entries)
 
     def retain(self, entry: Entry) -> None:
         """Add a reference to a live entry."""

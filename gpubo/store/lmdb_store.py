@@ -35,8 +35,13 @@ from gpubo.store.base import (
     Chunks,
     Durability,
     Entry,
+    LentChunks,
     SwapStore,
+    hashes_stream,
+    plan_chunks,
     steps,
+    verify_chunk,
+    zero_fill_plan,
 )
 from gpubo.store.entry import Hasher
 from gpubo.store.integrity import StoreState
@@ -285,14 +290,14 @@ class LmdbStore(SwapStore):
     def _read_chunks(
         self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
     ) -> None:
-        hashed = self._hashes_stream(entry, verify)
+        hashed = hashes_stream(entry, verify)
         env = self._require_env()
         try:
             with env.begin(db=self._data_db, buffers=True) as txn:
                 for plan in plans:
                     out = np.frombuffer(dst.chunk(plan.index), np.uint8)
                     base = plan.index * CHUNK_BYTES
-                    self._zero_fill(plan, out)
+                    zero_fill_plan(plan, out)
                     if not plan.stored_bytes:
                         dst.filled(plan.index)
                         continue
@@ -317,7 +322,7 @@ class LmdbStore(SwapStore):
                             hasher.add(value[at : at + step])
                         pos += end - start
                     if verify:
-                        self._verify(entry, plan, hasher, label, out)
+                        verify_chunk(entry, plan.index, hasher, label, out)
                     dst.filled(plan.index)
         except lmdb.Error as e:
             raise StoreError(f"reading {label} from the store failed: {e}") from e
@@ -341,26 +346,31 @@ class LmdbStore(SwapStore):
         return memoryview(out.data) if pos == plan.stored_bytes and pos else None
 
     @contextlib.contextmanager
-    def _stored_views(self, entries: list[Entry], labels: list[str]) -> Iterator[list[memoryview | None]]:
-        # One-chunk entries are one value each: lent from the map inside one
-        # read transaction (a thread may hold only one), which keeps their
-        # pages from reuse until the block ends.
+    def _lend(self, entries: list[Entry], labels: list[str]) -> Iterator[list[LentChunks | None]]:
+        # Each chunk is one value, lent from the map inside one read
+        # transaction (a thread may hold only one), which keeps their pages
+        # from reuse until the block ends.
         env = self._require_env()
         try:
             txn = env.begin(db=self._data_db, buffers=True)
         except lmdb.Error as e:
             raise StoreError(f"reading from the store failed: {e}") from e
         try:
-            views: list[memoryview | None] = []
+            lent: list[LentChunks | None] = []
             for entry, label in zip(entries, labels, strict=True):
-                value = txn.get(_KEY.pack(entry.key, 0))
-                if value is None:
-                    views.append(None)  # written in pages, or missing: read_into says which
-                    continue
-                if len(value) != entry.stored_bytes:
-                    raise IntegrityError(f"{label}: store chunk at byte 0 is truncated", bo=label, offset=0)
-                views.append(memoryview(value))
-            yield views
+                chunks: LentChunks = []
+                for plan in plan_chunks(entry.nbytes, None):
+                    value = txn.get(_KEY.pack(entry.key, plan.index))
+                    if value is None:
+                        break  # written in pages, or missing: read_into says which
+                    if len(value) != plan.stored_bytes:
+                        offset = plan.index * CHUNK_BYTES
+                        raise IntegrityError(
+                            f"{label}: store chunk at byte {offset} is truncated", bo=label, offset=offset
+                        )
+                    chunks.append([memoryview(value)])
+                lent.append(chunks if len(chunks) == -(-entry.nbytes // CHUNK_BYTES) else None)
+            yield lent
         except lmdb.Error as e:
             raise StoreError(f"reading from the store failed: {e}") from e
         finally:

@@ -40,8 +40,13 @@ from gpubo.store.base import (
     Chunks,
     Durability,
     Entry,
+    LentChunks,
     SwapStore,
+    hashes_stream,
+    plan_chunks,
     steps,
+    verify_chunk,
+    zero_fill_plan,
 )
 from gpubo.store.entry import Hasher
 from gpubo.store.integrity import StoreState
@@ -386,10 +391,10 @@ class SlotFileStore(SwapStore):
     def _read_chunks(
         self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
     ) -> None:
-        hashed = self._hashes_stream(entry, verify)
+        hashed = hashes_stream(entry, verify)
         for plan in plans:
             out = np.frombuffer(dst.chunk(plan.index), np.uint8)
-            self._zero_fill(plan, out)
+            zero_fill_plan(plan, out)
             n = plan.stored_bytes
             if not n:
                 dst.filled(plan.index)
@@ -405,7 +410,7 @@ class SlotFileStore(SwapStore):
                         np.copyto(out[dst_off : dst_off + length], chunk)
                     hasher.add(memoryview(self._bounce)[:n])
                     if verify:
-                        self._verify(entry, plan, hasher, label, out)
+                        verify_chunk(entry, plan.index, hasher, label, out)
                 dst.filled(plan.index)
                 continue
             else:
@@ -416,18 +421,27 @@ class SlotFileStore(SwapStore):
                         np.copyto(out[dst_off + done : dst_off + done + step], self._slots[at : at + step])
                         hasher.add(self._view[at : at + step])
             if verify:
-                self._verify(entry, plan, hasher, label, out)
+                verify_chunk(entry, plan.index, hasher, label, out)
             dst.filled(plan.index)
 
     @contextlib.contextmanager
-    def _stored_view(self, entry: Entry, label: str) -> Iterator[memoryview | None]:
-        # One extent: the bytes are one run of the mapping. Not for ``direct``,
-        # whose reads bypass the page cache.
-        if self.durability is Durability.DIRECT or len(entry.extents) != 1:
-            yield None
+    def _lend(self, entries: list[Entry], labels: list[str]) -> Iterator[list[LentChunks | None]]:
+        # Runs of the mapping. Not for ``direct``, whose reads bypass the page cache.
+        if self.durability is Durability.DIRECT:
+            yield [None] * len(entries)
             return
-        start = entry.extents[0][0] * PAGE_BYTES
-        yield self._view[start : start + entry.nbytes].toreadonly()
+        lent: list[LentChunks | None] = []
+        for entry in entries:
+            lent.append(
+                [
+                    [
+                        self._view[at : at + n].toreadonly()
+                        for at, n in _segments(entry.extents, plan.stream_offset, plan.stored_bytes)
+                    ]
+                    for plan in plan_chunks(entry.nbytes, None)
+                ]
+            )
+        yield lent
 
     def _read_direct(self, extents: Extents, plan: ChunkPlan) -> None:
         padded = -(-plan.stored_bytes // PAGE_BYTES) * PAGE_BYTES

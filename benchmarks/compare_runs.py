@@ -1,0 +1,151 @@
+"""Before and after: the goals of ``gpubo bench --json`` runs of two builds.
+
+Each side is one or more result files (``gpubo bench --json``, one run
+each); the runs of a side are combined as ``gpubo bench --runs N`` combines
+them (each goal judged on its median over the runs, with the spread), and
+the fixed costs of each run (section 2a, recomputed here from the
+throughput samples so that a build without that section is measured the
+same way) are reduced to their medians. Run the two builds' benches
+alternately, on the same machine, with the same settings::
+
+    for i in 1 2 3; do
+        (cd before && python -m gpubo bench --json > /tmp/before-$i.json)
+        (cd after && python -m gpubo bench --json > /tmp/after-$i.json)
+    done
+    python benchmarks/compare_runs.py --before /tmp/before-*.json --after /tmp/after-*.json
+
+Prints a table per section and, with ``--json``, the same figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from typing import Any
+
+from gpubo.bench import combine_runs, fixed_costs, render_table
+
+
+def _load(paths: list[str]) -> list[dict[str, Any]]:
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+def _fixed(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per case label, the median over runs of each fixed cost (us)."""
+    seen: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for row in fixed_costs(run["throughput"]):
+            label = f"{row['backend']}/{row['durability']}/checksums {row['checksums_where']}"
+            for name in ("evict_fixed_us", "restore_fixed_us", "raw_d2h_fixed_us", "raw_h2d_fixed_us"):
+                seen.setdefault(label, {}).setdefault(name, []).append(row[name])
+    return {label: {k: statistics.median(v) for k, v in cols.items()} for label, cols in seen.items()}
+
+
+def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
+    """The goals of both sides (by name, in the after side's order) and their fixed costs."""
+    b, a = combine_runs(before), combine_runs(after)
+    old = {g["goal"]: g for g in b["goals"]}
+    rows = []
+    for g in a["goals"]:
+        o = old.get(g["goal"])
+        rows.append(
+            {
+                "goal": g["goal"],
+                "target": g["target"],
+                "unit": g["unit"],
+                "higher": g["higher"],
+                "before": None if o is None else o["value"],
+                "before_spread": None if o is None else o["spread"],
+                "before_met": None if o is None else o["met"],
+                "after": g["value"],
+                "after_spread": g["spread"],
+                "after_met": g["met"],
+            }
+        )
+    return {
+        "before_runs": len(before),
+        "after_runs": len(after),
+        "before_gpubo": b["machine"]["gpubo"],
+        "after_gpubo": a["machine"]["gpubo"],
+        "goals": rows,
+        "fixed_cost_before": _fixed(before),
+        "fixed_cost_after": _fixed(after),
+    }
+
+
+def _v(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}{unit}" if abs(value) >= 100 else f"{value:.2f}{unit}"
+
+
+def _spread(spread: list[float] | None) -> str:
+    return "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}"
+
+
+def _met(met: bool | None) -> str:
+    return "-" if met is None else ("met" if met else "missed")
+
+
+def tables(c: dict[str, Any]) -> str:
+    goal_rows = [
+        [
+            r["goal"],
+            ("" if r["higher"] else "<= ") + _v(r["target"], r["unit"]),
+            _v(r["before"], r["unit"]),
+            _spread(r["before_spread"]),
+            _met(r["before_met"]),
+            _v(r["after"], r["unit"]),
+            _spread(r["after_spread"]),
+            _met(r["after_met"]),
+        ]
+        for r in c["goals"]
+    ]
+    fixed_rows = []
+    for label, after in c["fixed_cost_after"].items():
+        before = c["fixed_cost_before"].get(label, {})
+        fixed_rows.append(
+            [label]
+            + [
+                f"{before.get(k, float('nan')):.0f} -> {after[k]:.0f}"
+                for k in ("evict_fixed_us", "restore_fixed_us", "raw_d2h_fixed_us", "raw_h2d_fixed_us")
+            ]
+        )
+    return "\n".join(
+        [
+            f"Goals: median over {c['before_runs']} runs before, {c['after_runs']} after "
+            "(spread: lowest-highest run)",
+            render_table(
+                ["goal", "target", "before", "spread", "", "after", "spread", ""],
+                goal_rows,
+            ),
+            "",
+            "Fixed cost per operation at the smallest size (us, median over runs; before -> after)",
+            render_table(["case", "evict", "restore", "raw D2H", "raw H2D"], fixed_rows),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", nargs="+", required=True, help="result files of the old build")
+    parser.add_argument("--after", nargs="+", required=True, help="result files of the new build")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(_load(args.before), _load(args.after))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else tables(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

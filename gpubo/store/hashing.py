@@ -1,0 +1,92 @@
+"""Checksums of a large entry computed on a second core while the store
+copies it.
+
+A store hashes each chunk right after copying it (in cache) on the thread
+that copies. For an entry of at least :data:`PARALLEL_HASH_MIN_BYTES` whose
+source stays valid for the whole write (a mapping of the device buffer,
+not a bounce buffer refilled under the store), the xxh3-64 of every chunk's
+stored bytes is computed instead by one worker thread from the source,
+while the copying thread writes: ``os.pwrite`` and LMDB's ``put`` release
+the GIL while they copy, so the two overlap (``xxhash`` holds the GIL while
+it hashes, which is why the worker hashes and the writer copies, not the
+other way round). The bytes hashed are the same either way: the source is
+not written during an eviction (the BO's lock is held and its kernels are
+done).
+
+One worker serves the process (a write waits for it when another write's
+hashes are ahead in its queue). A forked child starts without it and makes
+its own on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import xxhash
+
+from gpubo.store.entry import ChunkPlan
+
+__all__ = ["PARALLEL_HASH_MIN_BYTES", "copy_hashing_aside", "hash_plans", "hash_plans_async"]
+
+#: Entries storing at least this many bytes are hashed on the worker (a
+#: hand-off to it costs tens of microseconds: too much for small entries).
+PARALLEL_HASH_MIN_BYTES = 4 << 20
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # its thread does not exist in a forked child
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def hash_plans(view: memoryview, plans: Sequence[ChunkPlan]) -> list[int | None]:
+    """The xxh3-64 of each plan's stored bytes (its pieces of ``view``, the
+    whole entry, in order), None for a plan that stores nothing."""
+    sums: list[int | None] = []
+    for plan in plans:
+        if not plan.stored_bytes:
+            sums.append(None)
+            continue
+        if len(plan.pieces) == 1:
+            start, end = plan.pieces[0]
+            sums.append(int(xxhash.xxh3_64_intdigest(view[start:end])))
+            continue
+        h = xxhash.xxh3_64()
+        for start, end in plan.pieces:
+            h.update(view[start:end])
+        sums.append(int(h.intdigest()))
+    return sums
+
+
+def hash_plans_async(view: memoryview, plans: Sequence[ChunkPlan]) -> Future[list[int | None]]:
+    """:func:`hash_plans` on the worker thread; ``view`` must stay valid and
+    unchanged until the future is done."""
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubo-hash")
+        pool = _pool
+    return pool.submit(hash_plans, view, plans)
+
+
+def copy_hashing_aside(
+    copy: Callable[[], object], view: memoryview, plans: Sequence[ChunkPlan]
+) -> list[int | None]:
+    """Run ``copy`` (which writes the plans' bytes of ``view`` without
+    hashing them) while the worker computes :func:`hash_plans`; the hashes.
+    ``copy``'s error is raised once the worker is done with ``view``."""
+    future = hash_plans_async(view, plans)
+    try:
+        copy()
+    finally:
+        futures.wait([future])  # the source must outlive the hashing
+    return future.result()
