@@ -14,7 +14,9 @@ alternately, on the same machine, with the same settings::
     done
     python benchmarks/compare_runs.py --before /tmp/before-*.json --after /tmp/after-*.json
 
-Prints a table per section and, with ``--json``, the same figures as JSON.
+Prints a table per section and, with ``--json``, the same figures as JSON;
+``--report`` prints the after side's whole report instead, as ``gpubo bench
+--runs N`` prints it for its runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 from typing import Any
 
 from gpubo.bench import combine_runs, fixed_costs, render_table
+from gpubo.bench import tables as bench_tables
 
 
 def _load(paths: list[str]) -> list[dict[str, Any]]:
@@ -85,8 +88,8 @@ def _v(value: float | None, unit: str) -> str:
     return f"{value:.0f}{unit}" if abs(value) >= 100 else f"{value:.2f}{unit}"
 
 
-def _spread(spread: list[float] | None) -> str:
-    return "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}"
+def _spread(spread: list[float] | None, unit: str) -> str:
+    return "-" if spread is None else f"{_v(spread[0], '')}-{_v(spread[1], unit)}"
 
 
 def _met(met: bool | None) -> str:
@@ -99,10 +102,10 @@ def tables(c: dict[str, Any]) -> str:
             r["goal"],
             ("" if r["higher"] else "<= ") + _v(r["target"], r["unit"]),
             _v(r["before"], r["unit"]),
-            _spread(r["before_spread"]),
+            _spread(r["before_spread"], r["unit"]),
             _met(r["before_met"]),
             _v(r["after"], r["unit"]),
-            _spread(r["after_spread"]),
+            _spread(r["after_spread"], r["unit"]),
             _met(r["after_met"]),
         ]
         for r in c["goals"]
@@ -137,13 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", nargs="+", required=True, help="result files of the old build")
     parser.add_argument("--after", nargs="+", required=True, help="result files of the new build")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="print instead the after side's whole report, as gpubo bench --runs N prints it",
+    )
     args = parser.parse_args(argv)
     try:
-        result = compare(_load(args.before), _load(args.after))
+        before, after = _load(args.before), _load(args.after)
+        result = compare(before, after)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else tables(result))
+    if args.report:
+        print(bench_tables(combine_runs(after)))
+    else:
+        print(json.dumps(result, indent=2) if args.json else tables(result))
     return 0
 
 

@@ -325,6 +325,15 @@ def test_compare_runs_sets_each_goal_of_one_build_beside_the_other(results: dict
         if goal["goal"].startswith(("evict/", "restore/")):
             assert math.isclose(row["before"], 0.75 * goal["value"]), row  # median of 1x and 0.5x
             assert row["before_spread"] == [goal["value"] / 2, goal["value"]]
+    report = subprocess.run(
+        [sys.executable, script, "--before", str(path), "--after", str(path), str(slow_path), "--report"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "2a. Fixed cost" in report.stdout and "median of 2 runs" in report.stdout
     bad = subprocess.run(
         [sys.executable, script, "--before", str(tmp_path / "missing.json"), "--after", str(path)],
         capture_output=True,
