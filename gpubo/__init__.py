@@ -3,7 +3,8 @@
 The public API is what this module exports; everything else is private.
 """
 
-from gpubo._bo import BufferObject, ReadOnly, State, readonly
+from gpubo._array import DeviceArray, default_manager, readonly, set_default_manager
+from gpubo._bo import BufferObject, ReadOnly, State
 from gpubo._errors import (
     BufferBusy,
     BufferFreed,
@@ -29,6 +30,7 @@ __all__ = [
     "BufferBusy",
     "BufferFreed",
     "BufferObject",
+    "DeviceArray",
     "DeviceError",
     "GpuboError",
     "Group",
@@ -45,7 +47,9 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "__version__",
+    "default_manager",
     "format_bytes",
     "parse_bytes",
     "readonly",
+    "set_default_manager",
 ]

@@ -21,7 +21,7 @@ from gpubo._state import ALLOWED_MOVES, State
 from gpubo._units import format_bytes
 from gpubo.store.base import Entry
 
-__all__ = ["ALLOWED_MOVES", "BufferObject", "BufferOps", "GroupLike", "ReadOnly", "State", "readonly"]
+__all__ = ["ALLOWED_MOVES", "BufferObject", "BufferOps", "GroupLike", "ReadOnly", "State"]
 
 
 class GroupLike(Protocol):
@@ -337,21 +337,7 @@ class BufferObject:
 @dataclass(frozen=True)
 class ReadOnly:
     """A buffer object passed to :meth:`Manager.launch` that the kernel only
-    reads; made by :func:`readonly`."""
+    reads; made by :func:`gpubo.readonly`."""
 
     bo: BufferObject
 
-
-def readonly(bo: BufferObject) -> ReadOnly:
-    """Mark a kernel argument as read-only, so launching does not dirty the BO
-    (its clean store copy stays valid and a later eviction copies nothing).
-
-    Arguments declared ``const __global`` are found without it (except in a
-    program built from binaries, whose qualifiers cannot be read).
-
-    Raises:
-        TypeError: ``bo`` is not a BufferObject.
-    """
-    if not isinstance(bo, BufferObject):
-        raise TypeError(f"readonly() takes a BufferObject, got {type(bo).__name__}")
-    return ReadOnly(bo)

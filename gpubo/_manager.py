@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from gpubo import _array
+from gpubo._array import DeviceArray
 from gpubo._bo import BufferObject
 from gpubo._checks import (
     check_alloc_size,
@@ -197,6 +199,7 @@ class Manager:
         self._monitor: PressureMonitor | None = None
         if pressure is not None and pressure is not False:
             self.watch_pressure(None if pressure is True else pressure)
+        _array.opened(self)  # the default manager of unpickled DeviceArrays, unless one is named
         log.info(
             "gpubo manager on %s: budget %s, store %s (%s)",
             backend.name,
@@ -222,6 +225,11 @@ class Manager:
     def context(self) -> Any:
         """The pyopencl context every BO lives in."""
         return self._backend.context
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._res.closed
 
     @property
     def queue(self) -> Any:
@@ -256,6 +264,51 @@ class Manager:
         check_alloc_size(nbytes, self.budget, self._backend.max_alloc_bytes, group)
         return self._mover.new_bo(self, self._bo_ops, nbytes, name, priority, group)
 
+    def asarray(
+        self, array: Any, name: str | None = None, priority: int = 0, *, group: Group | None = None
+    ) -> DeviceArray:
+        """A new :class:`DeviceArray` holding a copy of ``array`` (a numpy
+        array, anything numpy can make one of, or a DeviceArray); the other
+        arguments are :meth:`alloc`'s.
+
+        Raises:
+            TypeError: ``array`` cannot be made a numeric numpy array.
+            the errors of :meth:`alloc`.
+        """
+        return _array.new_array(self, _array.as_host_array(array), name=name, priority=priority, group=group)
+
+    def empty(
+        self,
+        shape: int | Sequence[int],
+        dtype: Any = float,
+        name: str | None = None,
+        priority: int = 0,
+        *,
+        group: Group | None = None,
+    ) -> DeviceArray:
+        """A new :class:`DeviceArray` of ``shape`` and ``dtype`` (numpy's
+        default, float64, if not given). Its bytes are zeros, as every new
+        BO's are: gpubo never hands out another buffer's old bytes.
+
+        Raises:
+            TypeError, ValueError: bad ``shape`` or ``dtype``; the errors of
+                :meth:`alloc`.
+        """
+        dims, dt = _array.check_array_spec(shape, dtype)
+        return _array.new_array(self, None, dims, dt, name=name, priority=priority, group=group)
+
+    def zeros(
+        self,
+        shape: int | Sequence[int],
+        dtype: Any = float,
+        name: str | None = None,
+        priority: int = 0,
+        *,
+        group: Group | None = None,
+    ) -> DeviceArray:
+        """Like :meth:`empty` (whose arrays are zero-filled too)."""
+        return self.empty(shape, dtype, name, priority, group=group)
+
     def launch(
         self,
         kernel: Any,
@@ -269,7 +322,8 @@ class Manager:
         BO arguments are passed as their ``pyopencl.Buffer``; they are made
         resident together and stay busy until the returned event completes.
         An argument may also be :func:`gpubo.readonly` (a BO the kernel only
-        reads) or a ``pyopencl.array.Array`` from :meth:`BufferObject.array`.
+        reads), a :class:`DeviceArray` (passed as its BO), or a
+        ``pyopencl.array.Array`` from :meth:`BufferObject.array`.
         BOs passed to ``const __global`` parameters or through ``readonly``
         are not dirtied: their clean store copy stays valid. (The qualifiers
         are read from the kernel; for a program built without
@@ -297,7 +351,7 @@ class Manager:
                 raise TypeError("wait_for must be None or a sequence of pyopencl.Event")
             events = list(wait_for)
         self._res.check_open()
-        return self._launcher.launch(kernel, global_dims, local_dims, args, events, owner=self)
+        return self._launcher.launch(kernel, global_dims, local_dims, _array.unwrap(args), events, owner=self)
 
     def prefetch(self, bos: Sequence[BufferObject]) -> list[Future[None]]:
         """Start restoring ``bos`` in the background and return at once.
