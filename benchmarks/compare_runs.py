@@ -50,6 +50,29 @@ def _fixed(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {label: {k: statistics.median(v) for k, v in cols.items()} for label, cols in seen.items()}
 
 
+def _ratio(value: Any) -> float:
+    return float(value["of_medians"] if isinstance(value, dict) else value)
+
+
+def _limits(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per case of 1 MiB and up, each run's eviction against its limit (the
+    slower of the paired raw D2H and a plain page-cache write of the same
+    bytes, so the larger of evict/D2H and evict/write) and restore/H2D."""
+    seen: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for t in run["throughput"]:
+            if t["nbytes"] < 1 << 20:
+                continue
+            for c in t["cases"]:
+                case = f"{c['backend']}/{c['durability']}/checksums {c['checksums_where']}"
+                label = f"{t['nbytes'] >> 20} MiB {case}"
+                limit = max(_ratio(c["evict_vs_d2h"]), _ratio(c["evict_vs_write"]))
+                row = seen.setdefault(label, {"evict_vs_limit": [], "restore_vs_h2d": []})
+                row["evict_vs_limit"].append(limit)
+                row["restore_vs_h2d"].append(_ratio(c["restore_vs_h2d"]))
+    return seen
+
+
 def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
     """The goals of both sides (by name, in the after side's order) and their fixed costs."""
     b, a = combine_runs(before), combine_runs(after)
@@ -79,6 +102,8 @@ def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[s
         "goals": rows,
         "fixed_cost_before": _fixed(before),
         "fixed_cost_after": _fixed(after),
+        "limit_before": _limits(before),
+        "limit_after": _limits(after),
     }
 
 
@@ -120,6 +145,24 @@ def tables(c: dict[str, Any]) -> str:
                 for k in ("evict_fixed_us", "restore_fixed_us", "raw_d2h_fixed_us", "raw_h2d_fixed_us")
             ]
         )
+
+    def med(values: list[float] | None) -> str:
+        if not values:
+            return "-"
+        return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+    limit_rows = []
+    for label, after_row in c["limit_after"].items():
+        before_row = c["limit_before"].get(label, {})
+        limit_rows.append(
+            [
+                label,
+                med(before_row.get("evict_vs_limit")),
+                med(after_row["evict_vs_limit"]),
+                med(before_row.get("restore_vs_h2d")),
+                med(after_row["restore_vs_h2d"]),
+            ]
+        )
     return "\n".join(
         [
             f"Goals: median over {c['before_runs']} runs before, {c['after_runs']} after "
@@ -131,6 +174,10 @@ def tables(c: dict[str, Any]) -> str:
             "",
             "Fixed cost per operation at the smallest size (us, median over runs; before -> after)",
             render_table(["case", "evict", "restore", "raw D2H", "raw H2D"], fixed_rows),
+            "",
+            "Eviction against its limit (the slower of the raw D2H and a page-cache write of the "
+            "same bytes) and restore against the raw H2D: median over runs (lowest-highest)",
+            render_table(["case", "evict/limit before", "after", "restore/H2D before", "after"], limit_rows),
         ]
     )
 

@@ -207,7 +207,8 @@ def test_every_goal_is_recomputed_from_the_samples_it_rests_on(results: dict) ->
     )
     # Issue 16: 64 KiB tiles (the --quick shape) are held to 0.6x, larger ones to 0.8x.
     tile_bytes = g["tile"] * g["tile"] * 4
-    assert goals["oversubscribed multiply speed / in-memory"]["target"] == (0.6 if tile_bytes <= 65536 else 0.8)
+    want_target = 0.6 if tile_bytes <= 65536 else 0.8
+    assert goals["oversubscribed multiply speed / in-memory"]["target"] == want_target
     assert seen == set(goals), set(goals) - seen
 
 
@@ -311,6 +312,16 @@ def test_compare_runs_sets_each_goal_of_one_build_beside_the_other(results: dict
     for row in results["fixed_cost"]:
         label = f"{row['backend']}/{row['durability']}/checksums {row['checksums_where']}"
         assert math.isclose(same["fixed_cost_after"][label]["evict_fixed_us"], row["evict_fixed_us"])
+    for t in results["throughput"]:
+        if t["nbytes"] < 1 << 20:
+            continue
+        for c in t["cases"]:
+            case = f"{c['backend']}/{c['durability']}/checksums {c['checksums_where']}"
+            label = f"{t['nbytes'] >> 20} MiB {case}"
+            # The limit is the slower baseline: the larger of the two ratios.
+            want = max(c["evict_vs_d2h"]["of_medians"], c["evict_vs_write"])
+            assert same["limit_after"][label]["evict_vs_limit"] == [want]
+            assert same["limit_before"][label] == same["limit_after"][label]
     # A slower copy of the run: every eviction and restore takes twice as long.
     slow = json.loads(json.dumps(results))
     for t in slow["throughput"]:
