@@ -15,6 +15,8 @@ most recently opened Manager that is still open. ``copy.copy`` and
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
 import threading
 import weakref
@@ -31,6 +33,8 @@ from gpubo._errors import GpuboError
 
 __all__ = ["DeviceArray", "default_manager", "readonly", "set_default_manager"]
 
+log = logging.getLogger(__name__)
+
 
 class DeviceArray:
     """A C-ordered array of ``shape`` and ``dtype`` held in a managed BO.
@@ -38,18 +42,28 @@ class DeviceArray:
     Made by :meth:`Manager.asarray`, :meth:`Manager.empty` and
     :meth:`Manager.zeros`. ``a.bo`` is its :class:`BufferObject` (state,
     ``evict``, ``prefetch``, ``pin``...); an array with no elements still
-    holds a BO of one byte, since a device buffer cannot be empty.
+    holds a BO of one byte, since a device buffer cannot be empty. An array
+    that is no longer referenced frees its BO, as a numpy array gives its
+    memory back: keep the array, not only ``a.bo``, for as long as you use
+    the BO.
 
     Notes:
         Thread-safe as far as its BO is: the shape and dtype never change.
     """
 
-    __slots__ = ("__weakref__", "bo", "dtype", "shape")
+    __slots__ = ("__weakref__", "_finalizer", "bo", "dtype", "shape")
 
     def __init__(self, bo: BufferObject, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
         self.bo = bo
         self.shape = shape
         self.dtype = dtype
+        # Like a numpy array, an array nobody references any more gives its
+        # memory back. The finalizer only queues its BO: it may run inside
+        # the cyclic garbage collector, in any thread, even one that holds a
+        # manager's lock, so the BO is freed later, by free_collected()
+        # (not at interpreter exit: the manager's close frees what is left).
+        self._finalizer = weakref.finalize(self, _collected.append, bo)
+        self._finalizer.atexit = False
 
     # -- what it is -------------------------------------------------------------
 
@@ -82,9 +96,11 @@ class DeviceArray:
 
     # -- bytes in and out ---------------------------------------------------------
 
-    def get(self, out: np.ndarray | None = None) -> np.ndarray:
+    def get(self, out: np.ndarray | None = None, *, restore: bool = True) -> np.ndarray:
         """The array's values as a new numpy array (or in ``out``, which must
-        have the same shape and dtype); restores the BO if it is swapped.
+        have the same shape and dtype); restores the BO if it is swapped
+        (``restore=False``: a swapped BO's bytes are read, verified, straight
+        from its store entry, and it stays swapped).
 
         Raises:
             TypeError, ValueError: ``out`` is not a numpy array, or its shape
@@ -97,7 +113,7 @@ class DeviceArray:
         else:
             self._check_same(out, "out")
         if self.size:
-            self.bo.read(out=out)
+            self.bo.read(out=out, restore=restore)
         return out
 
     def set(self, value: Any) -> None:
@@ -139,8 +155,11 @@ class DeviceArray:
     # -- lifetime -------------------------------------------------------------------
 
     def free(self) -> None:
-        """Free the BO (idempotent); the array is unusable afterwards."""
+        """Free the BO now (idempotent; an array that is no longer referenced
+        is freed anyway); the array is unusable afterwards."""
+        self._finalizer.detach()
         self.bo.free()
+        free_collected()
 
     def __enter__(self) -> DeviceArray:
         return self
@@ -161,6 +180,28 @@ class DeviceArray:
         return (_unpickle, (self.get(),))
 
 
+#: BOs of collected arrays, to be freed outside any lock (deque appends
+#: and pops are atomic).
+_collected: collections.deque[BufferObject] = collections.deque()
+
+
+def free_collected() -> int:
+    """Free the BOs of arrays collected since the last call; return how many.
+    Called before every new array is made (and by ``gpubo.dask``'s mapping),
+    from a thread that holds no gpubo lock."""
+    freed = 0
+    while True:
+        try:
+            bo = _collected.popleft()
+        except IndexError:
+            return freed
+        try:
+            bo.free()
+            freed += 1
+        except GpuboError as e:
+            log.warning("freeing %s of a collected DeviceArray failed: %s", bo.label(), e)
+
+
 def _unpickle(values: np.ndarray) -> DeviceArray:
     return new_array(default_manager(), values)
 
@@ -174,6 +215,7 @@ def new_array(
 ) -> DeviceArray:
     """A DeviceArray in ``manager``: a copy of ``values``, or zero-filled of
     ``shape`` and ``dtype`` (BOs are always zero-filled when allocated)."""
+    free_collected()
     if values is not None:
         shape, dtype = values.shape, values.dtype
     assert shape is not None and dtype is not None

@@ -44,7 +44,13 @@ class BufferOps(Protocol):
     def busy(self, bo: BufferObject) -> bool: ...
     def write(self, bo: BufferObject, data: Any, offset: int) -> None: ...
     def read(
-        self, bo: BufferObject, dtype: npt.DTypeLike, count: int, offset: int, out: np.ndarray | None
+        self,
+        bo: BufferObject,
+        dtype: npt.DTypeLike,
+        count: int,
+        offset: int,
+        out: np.ndarray | None,
+        restore: bool = True,
     ) -> np.ndarray: ...
     def pin(self, bo: BufferObject) -> Any: ...
     def array(
@@ -192,6 +198,7 @@ class BufferObject:
         offset: int = 0,
         *,
         out: np.ndarray | None = None,
+        restore: bool = True,
     ) -> np.ndarray:
         """Return a copy of ``count`` items of ``dtype`` starting at byte ``offset``.
 
@@ -200,6 +207,11 @@ class BufferObject:
         numpy array of any dtype and shape) ``out.nbytes`` bytes are read into
         it instead, and ``out`` is returned; ``dtype`` and ``count`` are then
         not used.
+
+        ``restore=False``: a swapped BO is read straight from its store
+        entry (verified against its checksums, if it has any) and stays
+        swapped, without a device buffer or a use in LRU order; a resident
+        BO is read as usual. For sending a BO's bytes elsewhere.
 
         Raises:
             TypeError: ``dtype`` is not a numpy dtype or holds objects; ``out``
@@ -210,7 +222,7 @@ class BufferObject:
             Purged: the BO was purgeable and its content was dropped.
             OutOfDeviceMemory, StoreFull, IntegrityError: making it resident failed.
         """
-        return self.ops.read(self, dtype, count, offset, out)
+        return self.ops.read(self, dtype, count, offset, out, restore)
 
     @contextmanager
     def pin(self) -> Iterator[Any]:

@@ -262,6 +262,32 @@ class Mover:
         finally:
             bo.lock.release()
 
+    def read_swapped(self, bo: BufferObject, dest: np.ndarray, offset: int) -> bool:
+        """Fill ``dest`` (flat uint8) with ``bo``'s bytes from ``offset``
+        straight from its store entry, verified, if ``bo`` is swapped; it
+        stays swapped and its LRU place is unchanged. False (nothing read)
+        if it is resident.
+
+        Raises:
+            BufferFreed, Purged: ``bo`` was freed or purged.
+            IntegrityError, StoreError: as a restore's read.
+        """
+        with bo.lock:
+            self.check_alive(bo)
+            if bo.state is State.PURGED:
+                raise Purged(f"{bo.label()} was purgeable and its content was dropped")
+            if bo.state is not State.SWAPPED:
+                return False
+            entry = bo.entry
+            assert entry is not None
+            if offset == 0 and dest.nbytes == bo.nbytes:
+                self.store.read_into(entry, dest.data, bo.label())
+            else:
+                whole = np.empty(bo.nbytes, np.uint8)
+                self.store.read_into(entry, whole.data, bo.label())
+                dest[:] = whole[offset : offset + dest.nbytes]
+        return True
+
     def _restore_locked(self, bo: BufferObject, replace_with: np.ndarray | None, own_pins: int) -> None:
         """Bring swapped ``bo`` back. Holds ``room_lock`` and ``bo.lock``. The
         entry is kept as the BO's clean copy (released when it is dirtied)."""

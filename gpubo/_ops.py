@@ -49,7 +49,13 @@ class BufferOps:
             return self.res.busy_locked(bo)
 
     def read(
-        self, bo: BufferObject, dtype: npt.DTypeLike, count: int, offset: int, out: np.ndarray | None
+        self,
+        bo: BufferObject,
+        dtype: npt.DTypeLike,
+        count: int,
+        offset: int,
+        out: np.ndarray | None,
+        restore: bool = True,
     ) -> np.ndarray:
         offset = check_int(offset, "offset", 0)
         if offset > bo.nbytes:
@@ -61,7 +67,7 @@ class BufferOps:
                     f"out ({dest.nbytes} bytes) at offset {offset} reads past the end of the "
                     f"{bo.nbytes}-byte buffer"
                 )
-            self._read_into(bo, dest, offset)
+            self._read_into(bo, dest, offset, restore)
             return out
         dt = check_dtype(dtype)
         count = check_int(count, "count", -1)
@@ -77,10 +83,12 @@ class BufferOps:
                 f"count {count} of {dt} at offset {offset} reads past the end of the {bo.nbytes}-byte buffer"
             )
         result = np.empty(count, dt)
-        self._read_into(bo, result.view(np.uint8), offset)
+        self._read_into(bo, result.view(np.uint8), offset, restore)
         return result
 
-    def _read_into(self, bo: BufferObject, dest: np.ndarray, offset: int) -> None:
+    def _read_into(self, bo: BufferObject, dest: np.ndarray, offset: int, restore: bool = True) -> None:
+        if not restore and self.mover.read_swapped(bo, dest, offset):
+            return
         self.mover.lock_resident(bo)
         try:
             read_bytes(self.mover.backend, self.mover.buf(bo), dest, offset)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,3 +207,54 @@ def test_numpy_interop_refuses_a_copy_free_view(mgr: gpubo.Manager) -> None:
     with pytest.raises(ValueError, match="must copy"):
         np.asarray(a, copy=False)
     assert len(a) == 6 and "DeviceArray" in repr(a)
+
+
+def _flip_stored_byte(store: Path, backend: str, needle: bytes) -> None:
+    path = store / ("slots.bin" if backend == "slotfile" else "data.mdb")
+    raw = path.read_bytes()
+    at = raw.find(needle)
+    assert at >= 0, "the evicted bytes are not in the store's file"
+    with open(path, "r+b") as f:
+        f.seek(at + 7)
+        f.write(bytes([raw[at + 7] ^ 0x10]))
+
+
+@pytest.mark.parametrize("checksums", ["host", "device"])
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+def test_a_swapped_array_is_read_from_its_store_entry_without_a_restore(
+    tmp_path: Path, make_mgr: Callable[..., gpubo.Manager], backend: str, checksums: str
+) -> None:
+    """``get(restore=False)``: the bytes come straight from the store,
+    verified, and the BO stays swapped; a damaged stored byte is refused."""
+    store = tmp_path / "s"
+    m = make_mgr(store=str(store), store_backend=backend, checksums=checksums)
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 1 << 30, (3 * MiB) // 4, dtype=np.int32).reshape(-1, 1024)
+    a = m.asarray(values)
+    a.bo.evict()
+    restores = m.stats().restores
+    np.testing.assert_array_equal(a.get(restore=False), values)
+    window = np.empty(1024, np.int32)
+    a.bo.read(offset=5 * 4096, out=window, restore=False)  # a part, at an offset
+    np.testing.assert_array_equal(window, values.reshape(-1)[5 * 1024 : 6 * 1024])
+    assert a.bo.state is gpubo.State.SWAPPED and m.stats().restores == restores
+    assert m.stats().resident_bytes == 0
+    b = m.asarray(values[:4])  # a resident one reads as usual
+    np.testing.assert_array_equal(b.get(restore=False), values[:4])
+    _flip_stored_byte(store, backend, values.reshape(-1)[MiB // 4 : MiB // 4 + 16].tobytes())
+    with pytest.raises(gpubo.IntegrityError):
+        a.get(restore=False)
+    assert a.bo.state is gpubo.State.SWAPPED
+
+
+def test_an_array_nobody_references_is_freed_at_the_next_allocation(mgr: gpubo.Manager) -> None:
+    a = mgr.asarray(np.ones((256, 256), np.float32))
+    bo = a.bo
+    cycle: list[Any] = [a]
+    cycle.append(cycle)  # only the cyclic collector can free it
+    del a, cycle
+    gc.collect()
+    assert bo.state is gpubo.State.RESIDENT  # queued, not freed inside the collector
+    mgr.zeros(4, np.uint8)
+    assert bo.state is gpubo.State.FREED
+    assert mgr.stats().resident_bytes == 4
