@@ -1,0 +1,326 @@
+"""gpubo.dask on a real distributed.LocalCluster (worker processes, PoCL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pyopencl as cl
+import pytest
+from dask.sizeof import sizeof
+from distributed import Client, LocalCluster, wait
+from distributed.protocol import deserialize, serialize
+
+import gpubo
+import gpubo.dask
+
+KiB, MiB = 1 << 10, 1 << 20
+TILE = 128  # 128 x 128 float32: 64 KiB tiles
+
+MATMUL = """
+__kernel void matmul(const int n, __global const float *a, __global const float *b, __global float *c) {
+    int row = get_global_id(0), col = get_global_id(1);
+    float acc = 0.0f;
+    for (int k = 0; k < n; k++) acc += a[row * n + k] * b[k * n + col];
+    c[row * n + col] = acc;
+}
+"""
+_kernels: dict[int, Any] = {}
+
+
+# -- tasks (module level: worker processes import them by reference) ----------------------
+
+
+def to_device(values: np.ndarray) -> gpubo.DeviceArray:
+    return gpubo.dask.manager().asarray(values)
+
+
+def tile_matmul(a: gpubo.DeviceArray, b: gpubo.DeviceArray) -> gpubo.DeviceArray:
+    mgr = gpubo.dask.manager()
+    kernel = _kernels.get(id(mgr))
+    if kernel is None:
+        kernel = _kernels[id(mgr)] = cl.Kernel(cl.Program(mgr.context, MATMUL).build(), "matmul")
+    c = mgr.empty(a.shape, np.float32)
+    mgr.launch(kernel, (TILE, TILE), None, np.int32(TILE), a, b, c).wait()
+    return c
+
+
+def tile_sum(*parts: gpubo.DeviceArray) -> gpubo.DeviceArray:
+    total = parts[0].get()
+    for p in parts[1:]:
+        total = total + p.get()
+    return gpubo.dask.manager().asarray(total)
+
+
+def to_host(a: gpubo.DeviceArray) -> np.ndarray:
+    return a.get()
+
+
+def slow_double(a: gpubo.DeviceArray, delay: float) -> gpubo.DeviceArray:
+    time.sleep(delay)
+    return gpubo.dask.manager().asarray(2 * a.get())
+
+
+def evict_everything(dask_worker: Any) -> int:
+    return int(dask_worker.data.manager.evict(dask_worker.data.manager.budget))
+
+
+def state_of(key: str, dask_worker: Any) -> str:
+    return str(dask_worker.data.device[key].bo.state.value)
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, Client]]:
+    """Two worker processes, one thread each, a 512 KiB device limit each."""
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            local_directory=str(tmp_path / "dask"),
+            data=gpubo.dask.device_data("512KiB", store_size="64MiB"),
+        ) as c,
+        Client(c) as client,
+    ):
+        yield c, client
+
+
+class Watcher:
+    """Samples every worker's gpubo stats while a graph runs."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.extend(self.client.run(gpubo.dask.worker_stats).values())
+            except Exception:  # the cluster is going away
+                return
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+# -- the cluster tests --------------------------------------------------------------------
+
+
+def test_a_blocked_product_4x_the_device_limits_matches_numpy(cluster: tuple[LocalCluster, Client]) -> None:
+    _, client = cluster
+    n, t = 512, TILE
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    b = rng.standard_normal((n, n)).astype(np.float32)
+    tiles = n // t
+    with Watcher(client) as watcher:
+        da = {
+            (i, k): client.submit(to_device, a[i * t : (i + 1) * t, k * t : (k + 1) * t])
+            for i in range(tiles)
+            for k in range(tiles)
+        }
+        db = {
+            (k, j): client.submit(to_device, b[k * t : (k + 1) * t, j * t : (j + 1) * t])
+            for k in range(tiles)
+            for j in range(tiles)
+        }
+        dc = {}
+        for i in range(tiles):
+            for j in range(tiles):
+                parts = [client.submit(tile_matmul, da[i, k], db[k, j]) for k in range(tiles)]
+                dc[i, j] = client.submit(tile_sum, *parts)
+        out = np.block(
+            [[client.submit(to_host, dc[i, j]).result() for j in range(tiles)] for i in range(tiles)]
+        )
+    np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
+    # 32 input tiles, 64 partial products and 16 sums of 64 KiB: 7 MiB of
+    # arrays, 7x the two workers' 1 MiB of device memory.
+    stats = client.run(gpubo.dask.worker_stats)
+    assert len(stats) == 2
+    assert sum(s["gpubo"]["evictions"] for s in stats.values()) > 0
+    assert watcher.samples, "the watcher took no sample"
+    for s in watcher.samples:
+        g = s["gpubo"]
+        assert g["resident_bytes"] + g["pooled_bytes"] <= g["budget"] == 512 * KiB
+    assert sum(s["sent"]["arrays"] for s in stats.values()) > 0  # arrays moved between workers
+    for s in stats.values():  # gpubo's swapped bytes are reported as spilled
+        assert s["spilled_total"]["disk"] >= s["gpubo"]["swapped_bytes"]
+
+
+def test_a_swapped_array_moves_to_another_worker_straight_from_the_store(
+    cluster: tuple[LocalCluster, Client],
+) -> None:
+    _, client = cluster
+    first, second = sorted(client.scheduler_info()["workers"])
+    values = np.arange(256 * 256, dtype=np.float32).reshape(256, 256)
+    x = client.submit(to_device, values, workers=[first])
+    wait(x)
+    assert client.run(evict_everything, workers=[first])[first] > 0
+    assert client.run(state_of, x.key, workers=[first])[first] == "swapped"
+    before = client.run(gpubo.dask.worker_stats, workers=[first])[first]
+    y = client.submit(to_host, x, workers=[second])
+    np.testing.assert_array_equal(y.result(), values)
+    after = client.run(gpubo.dask.worker_stats, workers=[first])[first]
+    assert after["sent"]["from_store"] == before["sent"]["from_store"] + 1
+    assert after["gpubo"]["restores"] == before["gpubo"]["restores"]  # not restored to be sent
+    assert client.run(state_of, x.key, workers=[first])[first] == "swapped"
+
+
+def test_a_worker_killed_mid_graph_is_recomputed_and_its_store_does_not_leak(
+    cluster: tuple[LocalCluster, Client],
+) -> None:
+    _, client = cluster
+    values = [np.full((64, 64), i, np.float32) for i in range(12)]
+    xs = [client.submit(to_device, v) for v in values]
+    ys = [client.submit(slow_double, x, 0.15) for x in xs]
+    time.sleep(0.5)  # some done, some running
+    stats = client.run(gpubo.dask.worker_stats)
+    victim, victim_stats = next(iter(stats.items()))
+    os.kill(victim_stats["pid"], signal.SIGKILL)
+    results = client.gather([client.submit(to_host, y) for y in ys])
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r, 2 * values[i])
+    # The nanny starts a new worker; its workspace purges the dead one's
+    # directory, the store inside it included.
+    dead_dir = Path(victim_stats["store_dir"]).parent
+    deadline = time.monotonic() + 30
+    while dead_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not dead_dir.exists(), f"the killed worker's directory {dead_dir} was left behind"
+    client.wait_for_workers(2, timeout=30)
+    assert victim not in client.scheduler_info()["workers"] or len(client.scheduler_info()["workers"]) == 2
+
+
+def make_host_value(i: int) -> np.ndarray:
+    return np.full(MiB // 8, i, np.float64)  # 1 MiB on the host
+
+
+def describe(a: gpubo.DeviceArray, h: np.ndarray, label: str) -> str:
+    return f"{label}:{float(a.get().sum())}:{float(h.sum())}"
+
+
+def test_mixed_values_host_ones_spill_through_dasks_own_buffer(tmp_path: Path) -> None:
+    config = {
+        "distributed.worker.memory.target": 0.5,  # SpillBuffer target: half the memory limit
+        "distributed.worker.memory.spill": False,  # no process-memory spilling, pausing or killing:
+        "distributed.worker.memory.pause": False,  # a PoCL worker's RSS is far above this tiny limit
+        "distributed.worker.memory.terminate": False,
+    }
+    with (
+        dask.config.set(config),
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit="8MiB",
+            local_directory=str(tmp_path / "dask"),
+            data=gpubo.dask.device_data("256KiB", store_size="64MiB"),
+        ) as c,
+        Client(c) as client,
+    ):
+        hosts = [client.submit(make_host_value, i) for i in range(10)]  # 10 MiB: past the 4 MiB target
+        arrays = [client.submit(to_device, np.full((64, 64), i, np.float32)) for i in range(10)]
+        labels = [client.submit(str, f"tile-{i}") for i in range(10)]
+        out = client.gather(
+            [client.submit(describe, a, h, s) for a, h, s in zip(arrays, hosts, labels, strict=True)]
+        )
+        assert out == [f"tile-{i}:{i * 4096.0}:{i * float(MiB // 8)}" for i in range(10)]
+        (stats,) = client.run(gpubo.dask.worker_stats).values()
+        host_spilled = stats["spilled_total"]["disk"] - stats["gpubo"]["swapped_bytes"]
+        assert host_spilled > 0, stats  # numpy values went to Dask's disk tier
+        assert stats["device_keys"] == 10 and stats["host_keys"] >= 20
+
+
+# -- in one process: the mapping, serialization, sizeof, errors -----------------------------
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Iterator[gpubo.dask.DeviceData]:
+    func, kwargs = gpubo.dask.device_data("1MiB", store_size="64MiB", store_backend="slotfile")
+    d = func(worker_local_directory=str(tmp_path), **kwargs)
+    yield d
+    d.close()
+    gpubo.set_default_manager(None)
+
+
+def test_the_mapping_keeps_arrays_in_gpubo_and_the_rest_in_a_spill_buffer(data: Any) -> None:
+    mgr = data.manager
+    data["a"] = mgr.asarray(np.ones(1024, np.float32))
+    data["h"] = np.ones(1024)
+    data["s"] = "text"
+    assert set(data) == {"a", "h", "s"} and len(data) == 3 and "a" in data
+    assert list(data.device) == ["a"] and set(data.host) == {"h", "s"}
+    assert data.evict() > 0  # the memory monitor's call spills a host value
+    assert data.host.spilled_total.disk > 0
+    bo = data["a"].bo
+    data["a"] = "now a string"  # a key that changes kind moves
+    assert "a" not in data.device and data["a"] == "now a string"
+    assert bo.state is gpubo.State.FREED  # nothing else referenced the array
+    shared = mgr.asarray(np.arange(4, dtype=np.int32))
+    data["x"] = data["y"] = shared  # two keys, one array: counted once, kept while referenced
+    del data["x"]
+    assert shared.bo.state is gpubo.State.RESIDENT
+    shared.bo.evict()
+    spilled = data.spilled_total
+    assert spilled.memory - data.host.spilled_total.memory == mgr.stats().swapped_bytes == 16
+    with pytest.raises(KeyError):
+        data["missing"]
+
+
+def test_serialization_sends_a_swapped_array_from_the_store_and_refuses_damage(
+    data: Any, tmp_path: Path
+) -> None:
+    mgr = data.manager
+    values = np.random.default_rng(2).integers(0, 1 << 30, (512, 512), dtype=np.int32)
+    a = mgr.asarray(values)
+    a.bo.evict()
+    restores = mgr.stats().restores
+    header, frames = serialize(a, serializers=("dask",))
+    assert header["sub-header"]["shape"] == [512, 512] and sum(len(memoryview(f)) for f in frames) == values.nbytes
+    assert a.bo.state is gpubo.State.SWAPPED and mgr.stats().restores == restores
+    b = deserialize(header, frames)
+    assert isinstance(b, gpubo.DeviceArray) and b.manager is mgr and b.bo is not a.bo
+    np.testing.assert_array_equal(b.get(), values)
+    assert sizeof(a) < 1024  # device bytes are not host memory
+    slots = tmp_path / gpubo.dask.STORE_DIRNAME / "slots.bin"
+    raw = slots.read_bytes()
+    at = raw.find(values.reshape(-1)[1000:1016].tobytes())
+    with open(slots, "r+b") as f:
+        f.seek(at + 3)
+        f.write(bytes([raw[at + 3] ^ 1]))
+    with pytest.raises(TypeError, match="Could not serialize") as info:  # Dask wraps the cause
+        serialize(a, serializers=("dask",), on_error="raise")
+    cause = info.value.__cause__ or info.value.__context__
+    assert isinstance(cause, gpubo.IntegrityError), cause
+    assert a.bo.state is gpubo.State.SWAPPED  # the damaged entry is neither sent nor restored
+
+
+def test_bad_input_and_use_outside_a_worker_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="device_memory_limit"):
+        gpubo.dask.device_data(0)
+    with pytest.raises(ValueError, match="sets budget itself"):
+        gpubo.dask.device_data("1MiB", budget="2MiB")
+    with pytest.raises(ValueError):
+        gpubo.dask.device_data("lots")
+    with pytest.raises(gpubo.GpuboError, match="tasks running on a Dask worker"):
+        gpubo.dask.manager()
