@@ -1,4 +1,5 @@
-"""The ``gpubo`` command line: ``gpubo info``, ``gpubo stress``, ``gpubo selftest`` and ``gpubo bench``.
+"""The ``gpubo`` command line: ``gpubo info``, ``stress``, ``selftest``, ``bench``,
+the store tools and ``dask-worker``.
 
 The CLI owns the terminal: everything here that talks to the user goes
 through ``click.echo`` (live progress goes to stderr, and only on a
@@ -1182,3 +1183,69 @@ def stats(store_path: str, as_json: bool) -> None:
         click.echo(_table(["record", "size", "stored"], rows))
     else:
         click.echo("  no named records")
+
+
+# -- gpubo dask-worker ----------------------------------------------------------------
+
+
+@main.command("dask-worker")
+@click.argument("scheduler")
+@click.option("--device-memory-limit", required=True, help="The worker's hard device budget, e.g. 4GiB.")
+@click.option("--store-size", default="2GiB", show_default=True, help="Size of the worker's store.")
+@click.option("--nthreads", type=click.IntRange(min=1), default=1, show_default=True, help="Task threads.")
+@click.option(
+    "--memory-limit", default="auto", show_default=True, help="Host memory limit, as for `dask worker`."
+)
+@click.option("--name", default=None, help="The worker's name (default: its address).")
+@click.option("--local-directory", type=click.Path(file_okay=False), default=None, help="Worker directory.")
+@click.option("--device", default=None, help="OpenCL device, as GPUBO_DEVICE (default: a GPU, else any).")
+def dask_worker(
+    scheduler: str,
+    device_memory_limit: str,
+    store_size: str,
+    nthreads: int,
+    memory_limit: str,
+    name: str | None,
+    local_directory: str | None,
+    device: str | None,
+) -> None:
+    """Run a Dask worker whose data is gpubo's device tier (needs gpubo[dask]).
+
+    The same as `dask worker SCHEDULER` with `data=gpubo.dask.device_data(...)`:
+    DeviceArray values stay on the device under a hard budget, spilled to a
+    store in the worker's directory; other values go to Dask's SpillBuffer.
+    SIGTERM or Ctrl-C closes the worker gracefully.
+    """
+    try:
+        import asyncio
+
+        from distributed import Worker
+
+        import gpubo.dask as gdask
+    except ImportError as e:
+        raise _Failure(f"gpubo dask-worker needs distributed: pip install 'gpubo[dask]' ({e})") from e
+    try:
+        data = gdask.device_data(device_memory_limit, store_size=store_size, device=device)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--device-memory-limit") from e
+
+    async def run() -> None:
+        worker = Worker(
+            scheduler,
+            data=data,
+            nthreads=nthreads,
+            memory_limit=memory_limit,
+            name=name,
+            local_directory=local_directory,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
+        await worker
+        click.echo(f"gpubo dask-worker at {worker.address}, device limit {device_memory_limit}", err=True)
+        await worker.finished()  # type: ignore[no-untyped-call]
+
+    try:
+        asyncio.run(run())
+    except (OSError, TimeoutError, GpuboError) as e:
+        raise _Failure(f"{type(e).__name__}: {e}") from e

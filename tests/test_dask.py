@@ -296,7 +296,10 @@ def test_serialization_sends_a_swapped_array_from_the_store_and_refuses_damage(
     a.bo.evict()
     restores = mgr.stats().restores
     header, frames = serialize(a, serializers=("dask",))
-    assert header["sub-header"]["shape"] == [512, 512] and sum(len(memoryview(f)) for f in frames) == values.nbytes
+    assert (
+        header["sub-header"]["shape"] == [512, 512]
+        and sum(len(memoryview(f)) for f in frames) == values.nbytes
+    )
     assert a.bo.state is gpubo.State.SWAPPED and mgr.stats().restores == restores
     b = deserialize(header, frames)
     assert isinstance(b, gpubo.DeviceArray) and b.manager is mgr and b.bo is not a.bo
@@ -324,3 +327,68 @@ def test_bad_input_and_use_outside_a_worker_are_clear_errors() -> None:
         gpubo.dask.device_data("lots")
     with pytest.raises(gpubo.GpuboError, match="tasks running on a Dask worker"):
         gpubo.dask.manager()
+
+
+def test_gpubo_dask_worker_joins_a_scheduler_and_closes_on_sigterm(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def make(n: int) -> Any:
+        import numpy as np
+
+        import gpubo.dask as gd
+
+        return gd.manager().asarray(np.arange(n, dtype=np.float64))
+
+    def total(a: Any) -> float:
+        return float(a.get().sum())
+
+    with (
+        LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as c,
+        Client(c) as client,
+    ):
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpubo",
+                "dask-worker",
+                c.scheduler_address,
+                "--device-memory-limit",
+                "1MiB",
+                "--store-size",
+                "64MiB",
+                "--local-directory",
+                str(tmp_path / "w"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            client.wait_for_workers(1, timeout=60)
+            assert client.submit(total, client.submit(make, 1000)).result(timeout=60) == 999 * 1000 / 2
+            (stats,) = client.run(gpubo.dask.worker_stats).values()
+            assert stats["gpubo"]["budget"] == MiB and stats["pid"] == worker.pid
+            worker.send_signal(signal.SIGTERM)
+            _, err = worker.communicate(timeout=60)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert worker.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_gpubo_dask_worker_refuses_a_bad_limit_without_a_traceback() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "gpubo", "dask-worker", "tcp://127.0.0.1:1", "--device-memory-limit", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "device-memory-limit" in done.stderr and "Traceback" not in done.stderr
