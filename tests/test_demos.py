@@ -125,3 +125,12 @@ def test_hibernate_resume_without_a_store_is_usage_error() -> None:
 def test_oversubscribe() -> None:
     out = run_demo("oversubscribe.py")
     assert "all correct" in out
+
+
+def test_dask_tiles() -> None:
+    out = run_demo("dask_tiles.py", "--n", "256", "--tile", "64", "--device-limit", "128KiB")
+    # 16 + 16 input tiles, 64 partial products and 16 sums of 16 KiB: 7x the limits.
+    assert "1.8MiB of device arrays in the graph, 7.0x the 2 workers' 128.0KiB device limits" in out
+    workers = re.findall(r"worker \S+: resident .* of 128\.0KiB, (\d+) evictions, (\d+) restores", out)
+    assert len(workers) == 2 and all(int(e) > 0 for e, _ in workers), out
+    assert out.rstrip().endswith("result: OK")
