@@ -392,3 +392,28 @@ def test_gpubo_dask_worker_refuses_a_bad_limit_without_a_traceback() -> None:
         check=False,
     )
     assert done.returncode == 2 and "device-memory-limit" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_dask_benchmark_runs_both_sides_and_its_ratio_follows_from_them() -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "dask_tiles.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--n", "256", "--tile", "64", "--limit", "128KiB", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    gp, npy = out["results"]
+    assert (gp["side"], npy["side"]) == ("gpubo", "numpy")
+    assert out["numpy_wall_over_gpubo_wall"] == npy["wall_s"] / gp["wall_s"]
+    assert out["tile_bytes_in_graph"] == (2 * 16 + 64 + 16) * 64 * 64 * 4  # 7x the two limits
+    # Both sides had to spill: gpubo by evicting, Dask by writing its spill files.
+    assert all(w["gpubo_evicted_bytes"] > 0 for w in gp["per_worker"].values())
+    assert sum(w["dask_disk_write_bytes"] for w in npy["per_worker"].values()) > 0
+    assert gp["bytes_spilled"] == sum(w["gpubo_evicted_bytes"] for w in gp["per_worker"].values())
