@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,6 @@ from typing import Any
 
 import dask
 import numpy as np
-import pyopencl as cl
 import pytest
 from dask.sizeof import sizeof
 from distributed import Client, LocalCluster, wait
@@ -24,43 +24,12 @@ import gpubo.dask
 KiB, MiB = 1 << 10, 1 << 20
 TILE = 128  # 128 x 128 float32: 64 KiB tiles
 
-MATMUL = """
-__kernel void matmul(const int n, __global const float *a, __global const float *b, __global float *c) {
-    int row = get_global_id(0), col = get_global_id(1);
-    float acc = 0.0f;
-    for (int k = 0; k < n; k++) acc += a[row * n + k] * b[k * n + col];
-    c[row * n + col] = acc;
-}
-"""
-_kernels: dict[int, Any] = {}
-
+# The demo's tasks (the worker processes import them by name: spawned
+# children start with this process's sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demos"))
+from dask_tiles import tile_matmul, tile_sum, to_device, to_host  # noqa: E402
 
 # -- tasks (module level: worker processes import them by reference) ----------------------
-
-
-def to_device(values: np.ndarray) -> gpubo.DeviceArray:
-    return gpubo.dask.manager().asarray(values)
-
-
-def tile_matmul(a: gpubo.DeviceArray, b: gpubo.DeviceArray) -> gpubo.DeviceArray:
-    mgr = gpubo.dask.manager()
-    kernel = _kernels.get(id(mgr))
-    if kernel is None:
-        kernel = _kernels[id(mgr)] = cl.Kernel(cl.Program(mgr.context, MATMUL).build(), "matmul")
-    c = mgr.empty(a.shape, np.float32)
-    mgr.launch(kernel, (TILE, TILE), None, np.int32(TILE), a, b, c).wait()
-    return c
-
-
-def tile_sum(*parts: gpubo.DeviceArray) -> gpubo.DeviceArray:
-    total = parts[0].get()
-    for p in parts[1:]:
-        total = total + p.get()
-    return gpubo.dask.manager().asarray(total)
-
-
-def to_host(a: gpubo.DeviceArray) -> np.ndarray:
-    return a.get()
 
 
 def slow_double(a: gpubo.DeviceArray, delay: float) -> gpubo.DeviceArray:
