@@ -352,4 +352,3 @@ class ReadOnly:
     reads; made by :func:`gpubo.readonly`."""
 
     bo: BufferObject
-
