@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gpubo._bo import BufferObject, ReadOnly
+from gpubo._bo import BufferObject, ReadOnly, State
 from gpubo._checks import check_dtype, check_shape
-from gpubo._errors import GpuboError
+from gpubo._errors import BufferBusy, BufferFreed, GpuboError
 
 __all__ = ["DeviceArray", "default_manager", "readonly", "set_default_manager"]
 
@@ -114,6 +114,8 @@ class DeviceArray:
             self._check_same(out, "out")
         if self.size:
             self.bo.read(out=out, restore=restore)
+        else:
+            self._check_alive()
         return out
 
     def set(self, value: Any) -> None:
@@ -129,6 +131,13 @@ class DeviceArray:
         self._check_same(value, "value")
         if self.size:
             self.bo.write(np.ascontiguousarray(value))
+        else:
+            self._check_alive()
+
+    def _check_alive(self) -> None:
+        """For arrays with no elements, whose calls touch no byte of the BO."""
+        if self.bo.state is State.FREED:
+            raise BufferFreed(f"the DeviceArray's buffer object {self.bo.label()} was freed")
 
     def _check_same(self, value: Any, name: str) -> None:
         if not isinstance(value, np.ndarray):
@@ -157,8 +166,8 @@ class DeviceArray:
     def free(self) -> None:
         """Free the BO now (idempotent; an array that is no longer referenced
         is freed anyway); the array is unusable afterwards."""
+        self.bo.free()  # raises (BufferBusy) with the finalizer still armed
         self._finalizer.detach()
-        self.bo.free()
         free_collected()
 
     def __enter__(self) -> DeviceArray:
@@ -190,16 +199,21 @@ def free_collected() -> int:
     Called before every new array is made (and by ``gpubo.dask``'s mapping),
     from a thread that holds no gpubo lock."""
     freed = 0
+    busy: list[BufferObject] = []
     while True:
         try:
             bo = _collected.popleft()
         except IndexError:
-            return freed
+            break
         try:
             bo.free()
             freed += 1
+        except BufferBusy:
+            busy.append(bo)  # pinned: try again at the next call
         except GpuboError as e:
             log.warning("freeing %s of a collected DeviceArray failed: %s", bo.label(), e)
+    _collected.extend(busy)
+    return freed
 
 
 def _unpickle(values: np.ndarray) -> DeviceArray:
@@ -244,8 +258,17 @@ def as_host_array(value: Any) -> np.ndarray:
 
 
 def check_array_spec(shape: object, dtype: npt.DTypeLike) -> tuple[tuple[int, ...], np.dtype[Any]]:
-    """``Manager.empty``'s and ``zeros``' arguments, checked."""
-    return check_shape(shape, "shape"), check_dtype(dtype)
+    """``Manager.empty``'s and ``zeros``' arguments, checked (a shape numpy
+    could not make an array of is a ValueError)."""
+    dims, dt = check_shape(shape, "shape"), check_dtype(dtype)
+    if len(dims) > 64:  # numpy's NPY_MAXDIMS
+        raise ValueError(f"shape has {len(dims)} dimensions; numpy allows at most 64")
+    if 0 in dims:
+        try:
+            np.empty(dims, dt)  # no bytes, but numpy still checks the sizes
+        except ValueError as e:
+            raise ValueError(f"shape {dims}: {e}") from None
+    return dims, dt
 
 
 def unwrap(args: Sequence[Any]) -> Sequence[Any]:

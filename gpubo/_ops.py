@@ -87,8 +87,16 @@ class BufferOps:
         return result
 
     def _read_into(self, bo: BufferObject, dest: np.ndarray, offset: int, restore: bool = True) -> None:
-        if not restore and self.mover.read_swapped(bo, dest, offset):
-            return
+        while not restore:  # a swapped BO from the store; a resident one from the device, never a restore
+            if self.mover.read_swapped(bo, dest, offset):
+                return
+            with bo.lock:
+                if bo.state is State.RESIDENT:
+                    read_bytes(self.mover.backend, self.mover.buf(bo), dest, offset)
+                    with self.res.lock:
+                        self.res.lru_touch_locked(bo)
+                    return
+            # Evicted (or freed, purged) since: read_swapped says which.
         self.mover.lock_resident(bo)
         try:
             read_bytes(self.mover.backend, self.mover.buf(bo), dest, offset)

@@ -1224,10 +1224,16 @@ def dask_worker(
         import gpubo.dask as gdask
     except ImportError as e:
         raise _Failure(f"gpubo dask-worker needs distributed: pip install 'gpubo[dask]' ({e})") from e
+    from distributed.worker_memory import parse_memory_limit
+
     try:
         data = gdask.device_data(device_memory_limit, store_size=store_size, device=device)
     except (TypeError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint="--device-memory-limit") from e
+        raise click.BadParameter(str(e), param_hint="'--device-memory-limit' / '--store-size'") from e
+    try:
+        parse_memory_limit(memory_limit, nthreads, logger=logging.getLogger("gpubo.cli"))
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="'--memory-limit'") from e
 
     async def run() -> None:
         worker = Worker(
@@ -1238,14 +1244,26 @@ def dask_worker(
             name=name,
             local_directory=local_directory,
         )
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
-        await worker
-        click.echo(f"gpubo dask-worker at {worker.address}, device limit {device_memory_limit}", err=True)
-        await worker.finished()  # type: ignore[no-untyped-call]
+            loop.add_signal_handler(sig, stop.set)
+        stopped = asyncio.ensure_future(stop.wait())
+        # Starting the worker waits for the scheduler for as long as it
+        # takes; a signal ends that wait too.
+        started = asyncio.ensure_future(worker.start())  # type: ignore[no-untyped-call]
+        await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if started.done():
+            started.result()  # a failed start raises here
+            click.echo(f"gpubo dask-worker at {worker.address}, device limit {device_memory_limit}", err=True)
+            finished = asyncio.ensure_future(worker.finished())  # type: ignore[no-untyped-call]
+            await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            started.cancel()
+        stopped.cancel()
+        await worker.close(reason="gpubo dask-worker stopped")
 
     try:
         asyncio.run(run())
-    except (OSError, TimeoutError, GpuboError) as e:
+    except (OSError, TimeoutError, ValueError, TypeError, GpuboError) as e:
         raise _Failure(f"{type(e).__name__}: {e}") from e

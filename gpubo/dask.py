@@ -30,12 +30,17 @@ worker died without closing; the Manager is closed by the worker's
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import math
 import os
+import pickle
 import sys
 import threading
 import weakref
 from collections.abc import Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -58,9 +63,16 @@ log = logging.getLogger(__name__)
 #: Where each worker's store goes, inside its local directory.
 STORE_DIRNAME = "gpubo-store"
 #: The name of the worker plugin that closes a worker's Manager.
-PLUGIN_NAME = "gpubo"
+PLUGIN_NAME = "gpubo-device-data"
+
+#: How long a closing worker waits for its running tasks before it closes
+#: the Manager (else the Manager closes when the mapping is collected).
+CLOSE_WAIT_S = 30.0
 
 _counters_lock = threading.Lock()
+#: Frees of collected arrays, off the worker's event loop (a free may wait
+#: for a kernel or for an eviction's copy).
+_freer = ThreadPoolExecutor(1, thread_name_prefix="gpubo-dask-free")
 #: Arrays this process sent to other workers, and how many of them went
 #: straight from the store (swapped, not restored to be sent).
 _sent = {"arrays": 0, "from_store": 0}
@@ -85,6 +97,18 @@ def device_data(device_memory_limit: int | str, **manager_kwargs: Any) -> tuple[
     for name in ("budget", "store"):
         if name in manager_kwargs:
             raise ValueError(f"device_data sets {name} itself; got {name}={manager_kwargs[name]!r}")
+    # Refused here, at the call, rather than later in every worker:
+    kwargs = dict(manager_kwargs)
+    host_target = kwargs.pop("host_target", None)
+    if host_target is not None:
+        manager_kwargs["host_target"] = parse_bytes(host_target, "host_target")
+    try:
+        inspect.signature(Manager).bind(limit, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"device_data: {e} (the keyword arguments go to gpubo.Manager)") from None
+    for name in ("store_size", "bounce_size"):
+        if name in kwargs:
+            parse_bytes(kwargs[name], name)
     return (DeviceData, {"device_memory_limit": limit, **manager_kwargs})
 
 
@@ -109,7 +133,7 @@ class DeviceData(MutableMapping[Any, Any]):
         self.host = SpillBuffer(
             os.path.join(worker_local_directory, "storage"),
             target=sys.maxsize if host_target is None else host_target,
-            max_spill=False if max_spill is False else parse_bytes(max_spill, "max-spill"),
+            max_spill=False if max_spill is False else dask.utils.parse_bytes(max_spill),
         )
         self._host_target_set = host_target is not None
         self.device: dict[Any, DeviceArray] = {}
@@ -119,7 +143,10 @@ class DeviceData(MutableMapping[Any, Any]):
 
     # -- the worker it belongs to (found once it has registered itself) ----------
 
-    def _attach(self) -> None:
+    def attach(self) -> None:
+        """Find the worker this mapping belongs to (it registers itself only
+        after building its data): set the host target from its memory limit
+        and add the plugin that closes the Manager with it."""
         if self._worker is not None:
             return
         for w in list(distributed.Worker._instances):
@@ -130,24 +157,29 @@ class DeviceData(MutableMapping[Any, Any]):
             return
         if not self._host_target_set:
             mm = self._worker.memory_manager
-            fraction = mm.memory_target_fraction or mm.memory_spill_fraction
-            if mm.memory_limit and fraction:
-                self.host.n = int(mm.memory_limit * fraction)
+            # As the worker does for its own SpillBuffer.
+            if mm.memory_limit and mm.memory_target_fraction:
+                self.host.n = int(mm.memory_limit * mm.memory_target_fraction)
             self._host_target_set = True
         self._worker.plugins.setdefault(PLUGIN_NAME, _ClosePlugin(self))
 
     # -- MutableMapping -----------------------------------------------------------
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._attach()
+        self.attach()
         if isinstance(value, DeviceArray):
+            if value.manager is not self.manager:
+                # From another worker of this process (in-process clusters
+                # hand values over by reference) or a Manager of the task's
+                # own: a copy, under this worker's budget.
+                value = self.manager.asarray(value)
             if key in self.host:
                 del self.host[key]
             self.device[key] = value
         else:
             self.device.pop(key, None)
             self.host[key] = value
-        free_collected()  # what a replaced or earlier dropped array held
+        _free_later()  # what a replaced or earlier dropped array held
 
     def __getitem__(self, key: Any) -> Any:
         if key in self.device:
@@ -161,7 +193,7 @@ class DeviceData(MutableMapping[Any, Any]):
             del self.device[key]
         else:
             del self.host[key]
-        free_collected()
+        _free_later()
 
     def __contains__(self, key: object) -> bool:
         return key in self.device or key in self.host
@@ -186,10 +218,18 @@ class DeviceData(MutableMapping[Any, Any]):
 
     @property
     def spilled_total(self) -> SpilledSize:
-        """Bytes spilled to disk: the host SpillBuffer's, plus the bytes of
-        this worker's arrays that gpubo has swapped out to its store."""
-        swapped = self.manager.stats().swapped_bytes
-        return self.host.spilled_total + SpilledSize(swapped, swapped)
+        """What is spilled to disk: the host SpillBuffer's, plus this worker's
+        arrays that gpubo has swapped out to its store. ``memory`` is, as
+        Dask means it, the ``sizeof`` of the spilled values (for an array,
+        the Python object only, as Dask counted it), ``disk`` their bytes."""
+        swapped = [a for a in self.device.values() if a.bo.state is State.SWAPPED]
+        in_store = SpilledSize(sum(_sizeof(a) for a in swapped), self.manager.stats().swapped_bytes)
+        return self.host.spilled_total + in_store
+
+    @property
+    def slow(self) -> Any:
+        """Host values spilled to disk (Dask's metrics read it)."""
+        return self.host.slow
 
     @property
     def cumulative_metrics(self) -> Any:
@@ -202,16 +242,29 @@ class DeviceData(MutableMapping[Any, Any]):
         self._close()
 
 
+def _free_later() -> None:
+    _freer.submit(free_collected)
+
+
 class _ClosePlugin(distributed.WorkerPlugin):
     """Closes a worker's Manager when the worker closes."""
 
     def __init__(self, data: DeviceData) -> None:
         self._data = weakref.ref(data)
 
-    def teardown(self, worker: Any) -> None:
+    async def teardown(self, worker: Any) -> None:
+        # The worker removes its plugins before it stops its executors:
+        # let the tasks still running finish with the Manager first.
+        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_S
+        while worker.state.executing and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         data = self._data()
-        if data is not None:
-            data.close()
+        if data is None:
+            return
+        if worker.state.executing:
+            log.warning("tasks still running after %.0f s: the Manager closes later", CLOSE_WAIT_S)
+            return  # the mapping's finalizer closes it
+        data.close()
 
 
 # -- inside tasks ---------------------------------------------------------------------
@@ -234,6 +287,7 @@ def manager() -> Manager:
             f"worker {worker.address} was not started with data=gpubo.dask.device_data(...); "
             f"its data is a {type(data).__name__}"
         )
+    data.attach()
     return data.manager
 
 
@@ -269,15 +323,19 @@ def _serialize(a: DeviceArray) -> tuple[dict[str, Any], list[Any]]:
     with _counters_lock:
         _sent["arrays"] += 1
         _sent["from_store"] += from_store
-    header = {"shape": list(a.shape), "dtype": a.dtype.str}
+    # The dtype pickled: its str form drops a structured dtype's fields
+    # (Dask already unpickles the header's type the same way).
+    header = {"shape": list(a.shape), "dtype": pickle.dumps(a.dtype)}
     return header, [values.reshape(-1).view(np.uint8).data]
 
 
 def _deserialize(header: dict[str, Any], frames: list[Any]) -> DeviceArray:
     shape = tuple(header["shape"])
-    dtype = np.dtype(header["dtype"])
+    dtype = pickle.loads(header["dtype"])
+    if not isinstance(dtype, np.dtype):
+        raise TypeError(f"a DeviceArray header's dtype is a {type(dtype).__name__}")
     raw = b"".join(bytes(f) for f in frames) if len(frames) != 1 else frames[0]
-    values = np.frombuffer(raw, np.uint8, count=int(np.prod(shape)) * dtype.itemsize).view(dtype)
+    values = np.frombuffer(raw, np.uint8, count=math.prod(shape) * dtype.itemsize).view(dtype)
     mgr: Manager = default_manager()
     return mgr.asarray(values.reshape(shape))
 

@@ -60,10 +60,12 @@ def test_asarray_keeps_shape_dtype_and_values_across_an_eviction(mgr: gpubo.Mana
 
 
 def test_empty_and_zeros_are_zero_filled_with_numpy_defaults(mgr: gpubo.Manager) -> None:
-    scratch = mgr.alloc(MiB)
-    scratch.write(np.full(MiB, 0xAB, np.uint8))
-    scratch.free()  # its buffer goes to the pool: a new array must not see its bytes
+    scratch = mgr.alloc(256 * 256 * 4)
+    scratch.write(np.full(256 * 256 * 4, 0xAB, np.uint8))
+    scratch.free()  # its buffer goes to the pool: the new array of its size must not see its bytes
+    pooled = mgr.stats().pooled_bytes
     e = mgr.empty((256, 256), np.float32)
+    assert mgr.stats().pooled_bytes == pooled - 256 * 256 * 4  # it took that very buffer
     z = mgr.zeros(1000)
     assert e.shape == (256, 256) and e.dtype == np.float32
     assert z.shape == (1000,) and z.dtype == np.float64  # numpy's default
@@ -258,3 +260,30 @@ def test_an_array_nobody_references_is_freed_at_the_next_allocation(mgr: gpubo.M
     mgr.zeros(4, np.uint8)
     assert bo.state is gpubo.State.FREED
     assert mgr.stats().resident_bytes == 4
+
+
+def test_a_pinned_array_that_is_collected_is_freed_once_unpinned(mgr: gpubo.Manager) -> None:
+    a = mgr.asarray(np.ones(1024, np.float32))
+    bo = a.bo
+    with bo.pin():
+        with pytest.raises(gpubo.BufferBusy):
+            a.free()  # refused: the array keeps its finalizer
+        del a
+        gc.collect()
+        mgr.zeros(1, np.uint8)  # BufferBusy inside: queued again, not dropped
+        assert bo.state is gpubo.State.RESIDENT
+    mgr.zeros(1, np.uint8)
+    assert bo.state is gpubo.State.FREED
+
+
+def test_an_empty_array_is_refused_once_freed_and_odd_shapes_are_value_errors(mgr: gpubo.Manager) -> None:
+    e = mgr.empty((0, 3), np.float32)
+    e.free()
+    with pytest.raises(gpubo.BufferFreed):
+        e.get()
+    with pytest.raises(gpubo.BufferFreed):
+        e.set(np.zeros((0, 3), np.float32))
+    with pytest.raises(ValueError, match="64"):
+        mgr.empty((1,) * 65)
+    with pytest.raises(ValueError, match="shape"):
+        mgr.empty((0, 1 << 62, 1 << 62))
