@@ -421,3 +421,22 @@ def test_the_dask_benchmark_runs_both_sides_and_its_ratio_follows_from_them() ->
     assert all(w["gpubo_evicted_bytes"] > 0 for w in gp["per_worker"].values())
     assert sum(w["dask_disk_write_bytes"] for w in npy["per_worker"].values()) > 0
     assert gp["bytes_spilled"] == sum(w["gpubo_evicted_bytes"] for w in gp["per_worker"].values())
+
+
+def test_the_store_goes_with_the_worker_directory_when_the_cluster_closes(tmp_path: Path) -> None:
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            dashboard_address=None,
+            local_directory=str(tmp_path / "dask"),
+            data=gpubo.dask.device_data("256KiB", store_size="64MiB"),
+        ) as c,
+        Client(c) as client,
+    ):
+        x = client.submit(to_device, np.ones((128, 128), np.float32))
+        assert client.submit(to_host, x).result().sum() == 128 * 128
+        (stats,) = client.run(gpubo.dask.worker_stats).values()
+        store = Path(stats["store_dir"])
+        assert store.is_dir() and store.parent.parent == tmp_path / "dask" / "dask-scratch-space"
+    assert not store.exists() and not store.parent.exists()
