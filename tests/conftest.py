@@ -183,7 +183,9 @@ def _pocl_warm() -> None:
         assert (bo.read() == 1).all()
     # Large entries are hashed on the store's worker thread, which then stays
     # for the process, as PoCL's threads do (gpubo.store.hashing).
-    hash_plans_async(memoryview(bytes(4096)), plan_chunks(4096, None)).result(timeout=60)
+    started = hash_plans_async(memoryview(bytes(4096)), plan_chunks(4096, None))
+    assert started is not None
+    started.result(timeout=60)
     gc.collect()
 
 

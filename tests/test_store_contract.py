@@ -1118,6 +1118,83 @@ def test_large_entries_hashed_on_the_worker_keep_the_checksums_of_their_stored_b
     assert info.value.offset == 2 * MiB
 
 
+def _wait_child(pid: int, what: str) -> int:
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(what)
+        time.sleep(0.05)
+
+
+def test_a_fork_while_another_thread_hands_work_to_the_hasher_does_not_hang_the_child(
+    tmp_path: Path,
+) -> None:
+    """A parent thread inside the hand-off (holding its lock) at the moment
+    of the fork: the child's lock is a fresh one, not that held copy."""
+    from gpubo.store import hashing
+
+    data = data_of(4 * MiB, 8)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with hashing._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                child = open_store(tmp_path / "child", 32 * MiB)
+                e = write(child, data)
+                code = 0 if list(e.checksums or ()) == _stored_xxh3s(data) else 3
+                child.close()
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        t.join(30)
+    assert _wait_child(pid, "the forked child's large write hung on the parent's lock") == 0
+
+
+def test_a_large_eviction_after_the_main_thread_returned_still_hashes() -> None:
+    """At interpreter shutdown ``concurrent.futures`` refuses new work before
+    it joins the remaining threads: a thread still evicting then hashes inline
+    (it used to get a RuntimeError)."""
+    script = textwrap.dedent(
+        """
+        import threading, time
+        import numpy as np
+        import gpubo
+        m = gpubo.Manager(budget="12MiB", store_size="128MiB", checksums="host")
+        a = m.alloc(8 << 20)
+        a.write(np.arange(2 << 20, dtype=np.uint32))
+        def late():
+            time.sleep(0.5)  # the main thread has returned by now
+            b = m.alloc(8 << 20)  # evicts a: 8 MiB, hashed
+            assert a.state is gpubo.State.SWAPPED
+            b.free()
+            assert (a.read(np.uint32) == np.arange(2 << 20, dtype=np.uint32)).all()
+            m.close()
+            print("late thread: ok")
+        threading.Thread(target=late).start()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and "late thread: ok" in done.stdout, done.stderr[-3000:]
+
+
 def test_a_forked_child_hashes_large_entries_on_its_own_worker(tmp_path: Path) -> None:
     """The parent's hashing thread does not exist in a forked child: the
     child's first large write must start its own (not wait forever)."""

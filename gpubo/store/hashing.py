@@ -41,8 +41,9 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _forget_pool() -> None:
-    global _pool
+    global _pool, _lock
     _pool = None  # its thread does not exist in a forked child
+    _lock = threading.Lock()  # another parent thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_forget_pool)
@@ -67,15 +68,20 @@ def hash_plans(view: memoryview, plans: Sequence[ChunkPlan]) -> list[int | None]
     return sums
 
 
-def hash_plans_async(view: memoryview, plans: Sequence[ChunkPlan]) -> Future[list[int | None]]:
+def hash_plans_async(view: memoryview, plans: Sequence[ChunkPlan]) -> Future[list[int | None]] | None:
     """:func:`hash_plans` on the worker thread; ``view`` must stay valid and
-    unchanged until the future is done."""
+    unchanged until the future is done. None when the worker cannot take it
+    (the interpreter is shutting down: ``concurrent.futures`` refuses new
+    work before it joins the threads still running): hash inline then."""
     global _pool
     with _lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubo-hash")
         pool = _pool
-    return pool.submit(hash_plans, view, plans)
+    try:
+        return pool.submit(hash_plans, view, plans)
+    except RuntimeError:
+        return None
 
 
 def copy_hashing_aside(
@@ -85,8 +91,19 @@ def copy_hashing_aside(
     hashing them) while the worker computes :func:`hash_plans`; the hashes.
     ``copy``'s error is raised once the worker is done with ``view``."""
     future = hash_plans_async(view, plans)
+    if future is None:
+        copy()
+        return hash_plans(view, plans)
     try:
         copy()
     finally:
-        futures.wait([future])  # the source must outlive the hashing
+        # The source must outlive the hashing, even through a Ctrl-C here.
+        interrupted: KeyboardInterrupt | None = None
+        while not future.done():
+            try:
+                futures.wait([future])
+            except KeyboardInterrupt as e:
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
     return future.result()
