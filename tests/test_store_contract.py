@@ -1118,6 +1118,22 @@ def test_large_entries_hashed_on_the_worker_keep_the_checksums_of_their_stored_b
     assert info.value.offset == 2 * MiB
 
 
+def _fork_a_large_write(tmp_path: Path, data: np.ndarray) -> int:
+    """Fork a child that exits 0 only if a large write into a new store
+    completes with the right checksums; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child = open_store(tmp_path / "child", 32 * MiB)
+            e = write(child, data)
+            code = 0 if list(e.checksums or ()) == _stored_xxh3s(data) else 3
+            child.close()
+        finally:
+            os._exit(code)
+    return pid
+
+
 def _wait_child(pid: int, what: str) -> int:
     deadline = time.monotonic() + 60
     while True:
@@ -1150,16 +1166,7 @@ def test_a_fork_while_another_thread_hands_work_to_the_hasher_does_not_hang_the_
     t.start()
     held.wait(30)
     try:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                child = open_store(tmp_path / "child", 32 * MiB)
-                e = write(child, data)
-                code = 0 if list(e.checksums or ()) == _stored_xxh3s(data) else 3
-                child.close()
-            finally:
-                os._exit(code)
+        pid = _fork_a_large_write(tmp_path, data)
     finally:
         release.set()
         t.join(30)
@@ -1204,27 +1211,8 @@ def test_a_forked_child_hashes_large_entries_on_its_own_worker(tmp_path: Path) -
         write(parent, data)  # the worker thread now runs in this process
     finally:
         parent.close()
-    pid = os.fork()
-    if pid == 0:  # the child: exit 0 only if a large write completes with the right checksums
-        code = 1
-        try:
-            child = open_store(tmp_path / "child", 32 * MiB)
-            e = write(child, data)
-            code = 0 if list(e.checksums or ()) == _stored_xxh3s(data) else 3
-            child.close()
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child's large write hung")
-        time.sleep(0.05)
-    assert os.waitstatus_to_exitcode(status) == 0
+    pid = _fork_a_large_write(tmp_path, data)
+    assert _wait_child(pid, "the forked child's large write hung") == 0
 
 
 @pytest.mark.parametrize(("backend", "durability"), COMBOS)
