@@ -15,11 +15,13 @@ from gpubo._errors import (
     NameNotFound,
     OutOfDeviceMemory,
     Purged,
+    ShareError,
     StoreError,
     StoreFull,
 )
 from gpubo._groups import Group, GroupStats
 from gpubo._manager import BATCH_BYTES, BATCH_MAX_BO_BYTES, Manager, Stats
+from gpubo._share import ShareMemberStats
 from gpubo._units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
@@ -42,6 +44,8 @@ __all__ = [
     "OutOfDeviceMemory",
     "Purged",
     "ReadOnly",
+    "ShareError",
+    "ShareMemberStats",
     "State",
     "Stats",
     "StoreError",

@@ -84,7 +84,7 @@ class BufferObject:
           BO a clean copy kept in the store: the swap cache), ``known_zero``
           (untouched since allocation, so all zeros);
         * the resource lock (:class:`gpubo._resource.Resource`):
-          ``pin_count``, ``events``, ``is_purgeable``; ``state`` is written
+          ``pin_count``, ``events``, ``is_purgeable``, ``used_at``; ``state`` is written
           with both locks held, so either one is enough to read it.
     """
 
@@ -106,6 +106,7 @@ class BufferObject:
         "priority",
         "state",
         "store_footprint",
+        "used_at",
     )
 
     def __init__(
@@ -128,6 +129,7 @@ class BufferObject:
         self.name = name
         self.priority = priority
         self.store_footprint = store_footprint
+        self.used_at = 0.0  # last LRU use (resource lock; the system monotonic clock)
         self.lock = threading.Lock()
         self.buf: Any = buf  # the backend's device buffer, None unless resident
         self.entry: Entry | None = entry

@@ -102,3 +102,9 @@ class Purged(GpuboError):
     Writing to it revives it (zero-filled); reading, pinning or launching
     with it raises this.
     """
+
+
+class ShareError(GpuboError):
+    """A device share (``Manager(share=...)``) cannot be used: its directory
+    is not private to this user, or its ledger is damaged or written by
+    another version of gpubo. Nothing of the share is changed."""

@@ -33,6 +33,7 @@ for the lock order); victims are try-locked, never waited for.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -268,7 +269,7 @@ class Evictor:
         if victim.is_purgeable or victim.nbytes > BATCH_MAX_BO_BYTES or not needs_copy(victim):
             return 0
         held = self.mover.staging_bytes()  # reused by the next batch
-        room = min(self.res.budget - self.res.charged_bytes + held, BATCH_BYTES) // PAGE_BYTES * PAGE_BYTES
+        room = min(self.res.limit - self.res.charged_bytes + held, BATCH_BYTES) // PAGE_BYTES * PAGE_BYTES
         first = pages(victim.nbytes)
         if room < 2 * PAGE_BYTES or need <= victim.nbytes or room <= first:
             return 0
@@ -331,7 +332,9 @@ class Evictor:
         """Evict until ``nbytes`` can be charged to the budget and ``group``;
         a pooled buffer of exactly that size, or None (the caller allocates).
         Holds ``room_lock``. The pool is drained before any BO is evicted;
-        a group at its ``max`` evicts its own BOs.
+        a group at its ``max`` evicts its own BOs. In a share, members whose
+        idle BOs are older than this manager's are asked first, and every
+        member when this manager's own BOs cannot make the room.
 
         Raises:
             OutOfDeviceMemory: pins leave no room, or nothing evictable is
@@ -342,13 +345,16 @@ class Evictor:
             # Other threads' launches pin their arguments only while enqueuing:
             # wait for those rather than fail.
             lasting = res.pinned_bytes - (res.launch_pinned_bytes - own_pins)
-            if nbytes > res.budget - lasting:  # evicting could not help
+            if nbytes > res.cap - lasting:  # evicting could not help
                 raise OutOfDeviceMemory(
                     f"cannot make room for {format_bytes(nbytes)}: {format_bytes(res.pinned_bytes)} "
-                    f"of the {format_bytes(res.budget)} budget is pinned",
+                    f"of the {format_bytes(res.cap)} {'budget' if res.share is None else 'share_max'} "
+                    "is pinned",
                     nbytes=nbytes,
                     budget=res.budget,
                 )
+        share = res.share
+        deadline = time.monotonic() + _ROOM_TIMEOUT_S
         while True:
             with res.lock:
                 got = res.try_charge_locked(nbytes, group)
@@ -356,9 +362,19 @@ class Evictor:
                     return got
                 want, only = res.need_locked(nbytes, group)
                 drain = want if only is None and res.pool.pooled_bytes else 0
+                # A share's peers can help only while this manager is below its cap.
+                ask = share is not None and only is None and res.charged_bytes + nbytes <= res.cap
+                oldest = res.oldest_idle_locked()
+                own = res.counters.resident_bytes - res.pinned_bytes  # what evicting here could free
             if drain:  # the pool goes before anyone is evicted
                 self.mover.drain_pool(drain)
                 continue
+            if ask and time.monotonic() < deadline:
+                assert share is not None
+                # Peers with older idle BOs first; anyone, if this manager cannot free enough.
+                older = None if own < want else (math.inf if oldest is None else oldest)
+                if share.ask_peers(want, older):
+                    continue
             if group is None and only is None and not own_pins:
                 policy = _ROOM_FOR_ANYONE
             else:
@@ -372,20 +388,26 @@ class Evictor:
                 want, now = res.need_locked(nbytes, group)
                 return want if now is only and not (only is None and res.pool.pooled_bytes) else 0
 
-            if not self.walk(policy, need).done:
-                with res.lock:
-                    where = (
-                        f"group {only.name!r} (max {format_bytes(only.max_bytes or 0)})"
-                        if only is not None
-                        else f"the budget ({format_bytes(res.budget)})"
-                    )
-                    raise OutOfDeviceMemory(
-                        f"cannot make room for {format_bytes(nbytes)} in {where}: "
-                        f"{format_bytes(res.counters.resident_bytes)} resident, "
-                        f"{format_bytes(res.pinned_bytes)} pinned, the rest protected or in use",
-                        nbytes=nbytes,
-                        budget=res.budget,
-                    )
+            if self.walk(policy, need).done:
+                continue
+            if ask and time.monotonic() < deadline:
+                assert share is not None
+                if share.ask_peers(want, None):
+                    continue
+            with res.lock:
+                where = (
+                    f"group {only.name!r} (max {format_bytes(only.max_bytes or 0)})"
+                    if only is not None
+                    else f"the budget ({format_bytes(res.budget)})"
+                )
+                held = f"; {share.describe()}" if share is not None else ""
+                raise OutOfDeviceMemory(
+                    f"cannot make room for {format_bytes(nbytes)} in {where}: "
+                    f"{format_bytes(res.counters.resident_bytes)} resident, "
+                    f"{format_bytes(res.pinned_bytes)} pinned, the rest protected or in use{held}",
+                    nbytes=nbytes,
+                    budget=res.budget,
+                )
 
     def shrink_device(self, nbytes: int, may_block: bool) -> int:
         """The device shrinker: free up to ``nbytes`` of device memory by
@@ -399,6 +421,14 @@ class Evictor:
         finally:
             self.mover.drop_staging()
             self.res.room_lock.release()
+
+    def give_back(self, nbytes: int) -> int:
+        """Device bytes freed for a share peer's request: pooled buffers,
+        then the non-blocking shrink (try-locks only, busy BOs skipped)."""
+        freed = self.mover.drain_pool(nbytes)
+        if freed < nbytes:
+            freed += self.shrink_device(nbytes - freed, may_block=False)
+        return freed
 
     def evict_group_to(self, grp: GroupLike, max_bytes: int) -> None:
         """Evict ``grp``'s BOs until it holds at most ``max_bytes``. Holds ``room_lock``.

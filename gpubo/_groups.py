@@ -40,7 +40,7 @@ class GroupStats:
     evictions: int
 
 
-def check_limits(max_: object, low: object, min_: object) -> tuple[int | None, int, int]:
+def check_limits(max_: object, low: object, min_: object, prefix: str = "") -> tuple[int | None, int, int]:
     """Parse and check a group's limits: ``min <= low <= max`` (``low``
     defaults to ``min``, ``max`` None means unlimited).
 
@@ -48,20 +48,21 @@ def check_limits(max_: object, low: object, min_: object) -> tuple[int | None, i
         TypeError, ValueError: a limit is unparsable or negative, or the
             limits contradict each other (the message names them).
     """
-    max_bytes = None if max_ is None else parse_bytes(max_, "max")
-    min_bytes = 0 if min_ is None else parse_bytes(min_, "min")
-    low_bytes = min_bytes if low is None else parse_bytes(low, "low")  # default: low = min
+    mx, lo, mn = f"{prefix}max", f"{prefix}low", f"{prefix}min"
+    max_bytes = None if max_ is None else parse_bytes(max_, mx)
+    min_bytes = 0 if min_ is None else parse_bytes(min_, mn)
+    low_bytes = min_bytes if low is None else parse_bytes(low, lo)  # default: low = min
     if max_bytes is not None and min_bytes > max_bytes:
-        raise ValueError(f"min ({format_bytes(min_bytes)}) must not exceed max ({format_bytes(max_bytes)})")
+        raise ValueError(f"{mn} ({format_bytes(min_bytes)}) must not exceed {mx} ({format_bytes(max_bytes)})")
     if min_bytes > low_bytes:
         raise ValueError(
-            f"min ({format_bytes(min_bytes)}) must not exceed low ({format_bytes(low_bytes)}); "
-            "set both with set_limits(low=..., min=...)"
+            f"{mn} ({format_bytes(min_bytes)}) must not exceed {lo} ({format_bytes(low_bytes)})"
+            + ("; set both with set_limits(low=..., min=...)" if not prefix else "")
         )
     if max_bytes is not None and low_bytes > max_bytes:
         raise ValueError(
-            f"low ({format_bytes(low_bytes)}) and min ({format_bytes(min_bytes)}) must not exceed "
-            f"max ({format_bytes(max_bytes)})"
+            f"{lo} ({format_bytes(low_bytes)}) and {mn} ({format_bytes(min_bytes)}) must not exceed "
+            f"{mx} ({format_bytes(max_bytes)})"
         )
     return max_bytes, low_bytes, min_bytes
 

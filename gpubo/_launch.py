@@ -143,7 +143,7 @@ class Launcher:
             with self.res.room_lock:
                 with self.res.lock:
                     others = self.res.pinned_bytes - sum(bo.nbytes for bo in bos.values() if bo.pin_count)
-                if total + others > self.res.budget:
+                if total + others > self.res.cap:
                     raise OutOfDeviceMemory(
                         f"kernel arguments need {format_bytes(total)} resident together; budget is "
                         f"{format_bytes(self.res.budget)} with {format_bytes(others)} pinned elsewhere",

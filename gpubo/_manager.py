@@ -42,6 +42,7 @@ from gpubo._ops import BufferOps, GroupOps
 from gpubo._prefetch import Prefetcher
 from gpubo._records import Records
 from gpubo._resource import Resource, StoreAdmission
+from gpubo._share import ShareMember, ShareMemberStats, check_share_args
 from gpubo._state import Stats
 from gpubo._transfer import check_checksums, make_transfer
 from gpubo._units import format_bytes, parse_bytes
@@ -106,6 +107,12 @@ class Manager:
             ``"bounce"`` (stream through ``bounce_buffers`` pinned host buffers
             of ``bounce_size``, allocated now), ``"auto"`` (map on unified
             memory, else bounce); None: ``$GPUBO_TRANSFER``, else auto.
+        share: the name of a device share to create or join (None:
+            ``$GPUBO_SHARE``, else none): one budget for every member process
+            on this device, which evict for each other on request (see
+            :mod:`gpubo._share`). ``budget`` None joins with the share's;
+            ``share_min``/``share_low``/``share_max`` protect and cap this
+            process as a group's ``min``/``low``/``max`` do.
 
     Raises:
         TypeError, ValueError: an argument is of the wrong type or out of range.
@@ -136,7 +143,13 @@ class Manager:
         transfer: str | None = None,
         bounce_buffers: int = 4,
         bounce_size: int | str = "4MiB",
+        share: str | None = None,
+        share_min: int | str | None = None,
+        share_low: int | str | None = None,
+        share_max: int | str | None = None,
     ) -> None:
+        sharing = check_share_args(share, share_min, share_low, share_max)
+        asked = None if budget is None else parse_bytes(budget, "budget")
         budget, store, device = from_environment(budget, store, device)
         self.budget: int = parse_bytes(budget, "budget")
         if self.budget == 0:
@@ -168,13 +181,19 @@ class Manager:
                 durability=durability,
             )
         self._close_store = weakref.finalize(self, self.store.close)
+        self._share: ShareMember | None = None
         try:
+            if sharing is not None:
+                self._share = ShareMember(*sharing, asked, self.budget, backend.device_id)
+                self.budget = self._share.budget
             transfer_ = make_transfer(transfer, backend, self.store, *bounce, checksums)
         except BaseException:
+            if self._share is not None:
+                self._share.leave()
             self._close_store()
             raise
         # The pieces, each on top of the ones before it (imports point one way).
-        self._res = Resource(self.budget, backend)
+        self._res = Resource(self.budget, backend, self._share)
         self._admission = StoreAdmission(self.store)
         self._mover = Mover(self._res, self._admission, backend, self.store, transfer_)
         self._evictor = Evictor(self._res, self._mover)
@@ -195,6 +214,8 @@ class Manager:
                 StoreCacheShrinker(self.store),
             ]
         )
+        if self._share is not None:
+            self._share.attach(self._res, self._evictor.give_back)
         self._monitor_lock = threading.Lock()
         self._monitor: PressureMonitor | None = None
         if pressure is not None and pressure is not False:
@@ -261,7 +282,7 @@ class Manager:
         priority = check_priority(priority)
         if group is not None and (not isinstance(group, Group) or group.manager is not self):
             raise ValueError(f"group must be a Group of this manager, got {group!r}")
-        check_alloc_size(nbytes, self.budget, self._backend.max_alloc_bytes, group)
+        check_alloc_size(nbytes, self._res.cap, self._backend.max_alloc_bytes, group)
         return self._mover.new_bo(self, self._bo_ops, nbytes, name, priority, group)
 
     def asarray(
@@ -558,6 +579,18 @@ class Manager:
 
     # -- the whole ------------------------------------------------------------------------
 
+    def share_stats(self) -> list[ShareMemberStats]:
+        """One row per live member of this manager's share (the others' usage is at most 0.1 s old).
+
+        Raises:
+            ValueError: the manager is not in a share.
+            ShareError: the share's ledger is damaged.
+        """
+        if self._share is None:
+            raise ValueError("this manager is not in a share (Manager(share=...))")
+        self._res.check_open()
+        return self._share.stats()
+
     def stats(self) -> Stats:
         """A consistent snapshot of the counters."""
         res = self._res
@@ -596,6 +629,8 @@ class Manager:
             self._res.closed = True
             live = list(self._res.bos.values())
         try:
+            if self._share is not None:
+                self._share.stop()  # peers stop asking; its charge goes once the buffers are gone
             with self._monitor_lock:
                 monitor, self._monitor = self._monitor, None
             if monitor is not None:
@@ -608,6 +643,8 @@ class Manager:
                     self._mover.transfer.close()
                 finally:
                     self._close_store()
+                    if self._share is not None:
+                        self._share.leave()
         log.info("gpubo manager closed")
 
     def __enter__(self) -> Manager:

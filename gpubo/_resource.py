@@ -28,7 +28,9 @@ the wait ends.
 Budget accounting: ``charged_bytes`` is every byte of device memory the
 manager holds or is about to hold: resident BOs, the buffer pool, and
 buffers in flight (being allocated, restored or released). It never exceeds
-the budget.
+``limit``: the budget, or in a share (:mod:`gpubo._share`) this process's
+reservation, which the share grows through :class:`ShareHook` (under the
+resource lock) before anything is charged beyond it.
 
 Mirrors kept on purpose (each updated only by the methods here):
 
@@ -46,8 +48,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 from gpubo._bo import BufferObject, GroupLike
 from gpubo._errors import ManagerClosed, StoreFull
@@ -58,7 +61,7 @@ from gpubo._state import Counters, State
 from gpubo._units import format_bytes
 from gpubo.store.base import SwapStore
 
-__all__ = ["NO_ROOM", "PINNED", "Resource", "StoreAdmission"]
+__all__ = ["NO_ROOM", "PINNED", "Resource", "ShareHook", "StoreAdmission"]
 
 #: What :meth:`Resource.try_charge_locked` returns when the charge does not fit.
 NO_ROOM: Any = object()
@@ -95,12 +98,38 @@ class _PinnedBuffers:
 PINNED = _PinnedBuffers()
 
 
+class ShareHook(Protocol):
+    """What the resource and the eviction walk need of a device share
+    (:class:`gpubo._share.ShareMember`)."""
+
+    #: The most this process may hold (the share's budget, or ``share_max``).
+    cap: int
+
+    def grow_locked(self, total: int) -> bool:
+        """Raise ``Resource.limit`` so that ``total`` charged bytes fit, if
+        the share has the room (resource lock held)."""
+        ...
+
+    def ask_peers(self, nbytes: int, older_than: float | None) -> int:
+        """Ask other members to give back ``nbytes``; bytes they gave."""
+        ...
+
+    def describe(self) -> str:
+        """Who holds what in the share (for error messages)."""
+        ...
+
+
 class Resource:
     """Budget, charges, LRU and the BO table of one manager (see the module
     docstring for the locks)."""
 
-    def __init__(self, budget: int, backend: Any) -> None:
+    def __init__(self, budget: int, backend: Any, share: ShareHook | None = None) -> None:
         self.budget = budget
+        self.share = share
+        #: The most this manager may hold (``share_max`` in a share).
+        self.cap = budget if share is None else share.cap
+        # Protected by lock: what may be charged now (the reservation in a share).
+        self.limit = budget if share is None else 0
         self.backend = backend  # for is_complete on events (never waits)
         self.room_lock = threading.RLock()
         self.lock = threading.Lock()
@@ -145,7 +174,8 @@ class Resource:
             return NO_ROOM
         buf = self.pool.take_locked(nbytes)
         if buf is None:
-            if self.charged_bytes + nbytes > self.budget:
+            total = self.charged_bytes + nbytes
+            if total > self.limit and (self.share is None or not self.share.grow_locked(total)):
                 return NO_ROOM
             self.charged_bytes += nbytes
         if group is not None:
@@ -172,7 +202,7 @@ class Resource:
         if self.over_group_max_locked(nbytes, group):
             assert group is not None and group.max_bytes is not None
             return group.charged_bytes + nbytes - group.max_bytes, group
-        return self.charged_bytes + nbytes - self.budget, None
+        return self.charged_bytes + nbytes - self.limit, None
 
     def in_flight_locked(self) -> int:
         """Charged bytes neither resident nor pooled: buffers on their way."""
@@ -210,6 +240,7 @@ class Resource:
         """List a resident, unpinned BO as the most recently used."""
         if bo not in self.lru and bo.is_purgeable:
             self.purgeable_resident += 1
+        bo.used_at = time.monotonic()
         self.lru.add(bo)
         if bo.entry is not None:
             self.clean.add(bo)
@@ -222,8 +253,16 @@ class Resource:
                 self.purgeable_resident -= 1
 
     def lru_touch_locked(self, bo: BufferObject) -> None:
+        bo.used_at = time.monotonic()
         self.lru.touch(bo)
         self.clean.touch(bo)
+
+    def oldest_idle_locked(self) -> float | None:
+        """When the first BO the walk would evict was last used (the
+        system's monotonic clock, one clock for every process), or None."""
+        for bo in self.lru:
+            return bo.used_at
+        return None
 
     def now_clean_locked(self, bo: BufferObject) -> None:
         """Resident ``bo`` got a clean store copy (``bo.entry`` is set)."""

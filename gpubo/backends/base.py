@@ -33,6 +33,9 @@ class Backend(Protocol):
     :class:`~gpubo.backends.opencl.OpenCLBackend` for the queue rules)."""
 
     name: str
+    #: Which device this is, the same string in every process that opens it
+    #: (members of a device share must agree on it).
+    device_id: str
     max_alloc_bytes: int
     global_mem_bytes: int
     #: The device's memory is the host's (integrated GPU, CPU device): a map

@@ -327,6 +327,24 @@ def _match_device(platforms: list[cl.Platform], spec: str) -> cl.Device:
     return max(found, key=lambda d: d.global_mem_size)
 
 
+def _device_id(dev: cl.Device) -> str:
+    """Platform, device name and where the device is: its PCI bus address
+    when the driver reports one (cl_khr_pci_bus_info), else its index on the
+    platform."""
+    where = None
+    try:
+        info = dev.pci_bus_info_khr  # type: ignore[attr-defined]
+        where = f"pci {info.pci_domain:04x}:{info.pci_bus:02x}:{info.pci_device:02x}.{info.pci_function}"
+    except (AttributeError, cl.Error, cl.LogicError):
+        pass
+    if where is None:
+        try:
+            where = f"#{dev.platform.get_devices().index(dev)}"
+        except (ValueError, cl.Error):
+            where = "#?"
+    return f"{dev.platform.name}: {dev.name.strip()} ({where})"
+
+
 def readonly_args(kernel: cl.Kernel) -> frozenset[int] | None:
     """Indices of ``kernel``'s ``const __global`` arguments (the kernel cannot
     write through them), or None when the driver keeps no argument info (the
@@ -418,6 +436,7 @@ class OpenCLBackend:
         self.transfer_queue: cl.CommandQueue = transfer_queue
         platform = dev.platform.name
         self.name = "pocl" if platform == _POCL_PLATFORM else dev.name.strip()
+        self.device_id = _device_id(dev)
         self.max_alloc_bytes = int(dev.max_mem_alloc_size)
         self.global_mem_bytes = int(dev.global_mem_size)
         try:  # deprecated in OpenCL 2.0, still reported by PoCL and the GPU drivers

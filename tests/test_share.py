@@ -1,0 +1,335 @@
+"""A device share: several processes on one budget, evicting for each other.
+
+Real member processes (tests/share_child.py) on the real PoCL device, a real
+ledger file under a real flock, real UNIX sockets; faults are a SIGKILL, a
+held lock, a damaged ledger file, open permissions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpubo
+from gpubo._share import read_ledger
+
+CHILD = Path(__file__).with_name("share_child.py")
+MiB = 1 << 20
+
+
+@pytest.fixture
+def share_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "shares"
+    monkeypatch.setenv("GPUBO_SHARE_DIR", str(root))
+    monkeypatch.delenv("GPUBO_SHARE", raising=False)
+    return root
+
+
+class Watcher:
+    """Samples the ledger (without its lock, as `gpubo top` does) every few
+    milliseconds: the budget must hold in every sample."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.samples = 0
+        self.violations: list[str] = []
+        self.seen: dict[str, int] = {}  # member -> pid
+        self.gone_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            state = read_ledger(self.path)
+            if state is not None:
+                self.check(state)
+            time.sleep(0.005)
+
+    def check(self, state: dict[str, Any]) -> None:
+        self.samples += 1
+        members = state["members"]
+        reserved = sum(m["reserved"] for m in members.values())
+        charged = sum(m["charged"] for m in members.values())
+        if reserved > state["budget"] or charged > state["budget"]:
+            self.violations.append(f"reserved {reserved} charged {charged} > budget {state['budget']}")
+        for k, m in members.items():
+            if m["charged"] > m["reserved"]:
+                self.violations.append(f"member {k}: charged {m['charged']} > reserved {m['reserved']}")
+            self.seen[k] = m["pid"]
+        for k in self.seen:
+            if k not in members and k not in self.gone_at:
+                self.gone_at[k] = time.monotonic()
+
+
+def start_child(
+    share: str, mode: str, count: int, size: int, seconds: float, seed: int, **kw: Any
+) -> subprocess.Popen[str]:
+    args = [sys.executable, str(CHILD), share, mode, str(count), str(size), str(seconds), str(seed)]
+    args += [f"{k}={v}" for k, v in kw.items()]
+    return subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_line(proc: subprocess.Popen[str], expected: str, timeout: float = 60.0) -> None:
+    assert proc.stdout is not None
+    done = threading.Event()
+    got: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        got.append(proc.stdout.readline().strip())
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert done.wait(timeout), f"child printed nothing in {timeout} s"
+    if got[0] != expected:
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"child said {got[0]!r}, not {expected!r}: {err}")
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 120.0) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"child exited {proc.returncode}: {out}\n{err}"
+    assert "Traceback" not in err, err
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return report
+
+
+@pytest.fixture
+def members() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_members_oversubscribe_one_share(share_dir: Path, members: list[subprocess.Popen[str]]) -> None:
+    """3 members of 4.5 MiB each on a 8 MiB share: every byte right, the
+    ledger's sum never above the budget, every member evicts for the others."""
+    for seed in range(3):
+        members.append(start_child("over", "work", 9, 512 << 10, 4.0, seed, budget="8MiB"))
+    with Watcher(share_dir / "over" / "ledger.json") as w:
+        for p in members:
+            wait_line(p, "ready")
+        reports = [finish(p) for p in members]
+    assert w.samples > 100 and not w.violations, w.violations[:5]
+    for r in reports:
+        assert r["mismatches"] == 0 and r["checks"] > 50, r
+        assert r["served"] > 0 and r["given"] > 0, r  # its idle BOs went for the others' requests
+        assert r["sent"] > 0, r
+    assert not (share_dir / "over" / "ledger.json").exists()  # the last one out removed it
+
+
+def test_sleeping_member_gives_up_idle_bos(
+    share_dir: Path, members: list[subprocess.Popen[str]], make_mgr: Callable[..., gpubo.Manager]
+) -> None:
+    """A member whose main thread sleeps answers from its listener thread."""
+    members.append(start_child("nap", "sleep", 6, MiB, 0, 7, budget="8MiB"))
+    wait_line(members[0], "ready")
+    m = make_mgr(budget=None, share="nap")
+    assert m.budget == 8 * MiB
+    bos = [m.alloc(MiB) for _ in range(7)]  # needs 5 of the sleeper's 6 MiB
+    for i, bo in enumerate(bos):
+        bo.write(np.full(MiB // 4, i, np.uint32))
+    rows = {r.pid: r for r in m.share_stats()}
+    sleeper = rows[members[0].pid]
+    assert sleeper.resident_bytes <= MiB and sleeper.swapped_bytes >= 5 * MiB, sleeper
+    assert m.stats().resident_bytes == 7 * MiB
+    assert sum(r.reserved_bytes for r in rows.values()) <= 8 * MiB
+    assert members[0].stdin is not None
+    members[0].stdin.write("go\n")
+    members[0].stdin.flush()
+    report = finish(members[0])  # it restores its BOs, evicting ours: all its bytes right
+    assert report["mismatches"] == 0 and report["served"] >= 1 and report["given"] >= 5 * MiB, report
+    for i, bo in enumerate(bos):
+        assert (bo.read(np.uint32) == i).all()
+
+
+def test_killed_members_charge_is_reclaimed(share_dir: Path, members: list[subprocess.Popen[str]]) -> None:
+    """SIGKILL of members, one while it holds the ledger's lock and two at
+    random points of their work: each one's charge is gone within a second,
+    the survivors finish byte-exact."""
+    ledger = share_dir / "kill" / "ledger.json"
+    survivors = [start_child("kill", "work", 8, 512 << 10, 5.0, seed, budget="8MiB") for seed in (1, 2)]
+    members.extend(survivors)
+    for p in survivors:
+        wait_line(p, "ready")
+    victims = [start_child("kill", "work", 8, 512 << 10, 60.0, seed) for seed in (4, 5)]
+    members.extend(victims)
+    for v in victims:
+        wait_line(v, "ready")
+    with Watcher(ledger) as w:
+        locker = start_child("kill", "lock", 0, 4096, 0, 3)
+        members.append(locker)
+        wait_line(locker, "locked")
+        time.sleep(0.3)  # the others now wait for the lock
+        for v, delay in ((locker, 0.0), (victims[0], 0.37), (victims[1], 0.81)):
+            time.sleep(delay)
+            key = next(k for k, pid in w.seen.items() if pid == v.pid)
+            killed = time.monotonic()
+            v.send_signal(signal.SIGKILL)
+            while key not in w.gone_at and time.monotonic() - killed < 10:
+                time.sleep(0.01)
+            assert key in w.gone_at, f"member {key} of a killed process is still in the ledger"
+            assert w.gone_at[key] - killed < 1.0, f"its charge stayed {w.gone_at[key] - killed:.2f} s"
+        reports = [finish(p) for p in survivors]
+    assert not w.violations, w.violations[:5]
+    for r in reports:
+        assert r["mismatches"] == 0, r
+    assert not ledger.exists()
+
+
+def test_share_min_protects_and_share_max_caps(
+    share_dir: Path, make_mgr: Callable[..., gpubo.Manager]
+) -> None:
+    a = make_mgr(budget="8MiB", share="lim", share_min="3MiB")
+    a_bos = [a.alloc(MiB) for _ in range(3)]
+    b = make_mgr(budget=None, share="lim", share_max="4MiB")
+    b_bos = [b.alloc(MiB) for _ in range(7)]  # capped at 4: its own are evicted
+    for i, bo in enumerate(b_bos):
+        bo.write(np.full(MiB, i, np.uint8))
+    assert b.stats().resident_bytes <= 4 * MiB and b.stats().evictions >= 3
+    rows = {r.member: r for r in b.share_stats()}
+    assert max(r.reserved_bytes for r in rows.values() if r.max_bytes == 4 * MiB) <= 4 * MiB
+    c = make_mgr(budget=None, share="lim")
+    c_bos = [c.alloc(MiB) for _ in range(4)]  # b gives back; a (at its min) gives nothing
+    assert a.stats().evictions == 0 and a.stats().resident_bytes == 3 * MiB
+    assert b.stats().resident_bytes <= MiB
+    with pytest.raises(gpubo.OutOfDeviceMemory, match="share 'lim'"):
+        c.alloc(6 * MiB)  # a's 3 MiB of the 8 are protected
+    for i, bo in enumerate(b_bos):
+        assert (bo.read(np.uint8) == i % 256).all()
+    assert all(bo.state is gpubo.State.RESIDENT for bo in a_bos)
+    del c_bos
+
+
+def test_members_asking_each_other_do_not_deadlock(
+    share_dir: Path, make_mgr: Callable[..., gpubo.Manager]
+) -> None:
+    """Two members that need room at once, each able to free only by asking
+    the other (their own BOs mostly pinned): both finish, in time, with a
+    clean result (room or OutOfDeviceMemory), no BO changed."""
+    a = make_mgr(budget="8MiB", share="mutual")
+    b = make_mgr(budget=None, share="mutual")
+    held: list[Any] = []
+    pins = contextlib.ExitStack()
+    for m in (a, b):
+        bos = [m.alloc(MiB) for _ in range(4)]
+        for i, bo in enumerate(bos):
+            bo.write(np.full(MiB, i, np.uint8))
+        held.append(bos)
+        for bo in bos[:3]:
+            pins.enter_context(bo.pin())
+    barrier = threading.Barrier(2)
+    results: dict[int, Any] = {}
+
+    def need_room(i: int, m: gpubo.Manager) -> None:
+        barrier.wait()
+        try:
+            results[i] = m.alloc(2 * MiB)
+        except gpubo.OutOfDeviceMemory as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=need_room, args=(i, m)) for i, m in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "members asking each other hung"
+    assert len(results) == 2
+    assert all(isinstance(r, (gpubo.BufferObject, gpubo.OutOfDeviceMemory)) for r in results.values())
+    pins.close()
+    for bos in held:
+        for i, bo in enumerate(bos):
+            assert (bo.read(np.uint8) == i).all()
+
+
+def test_bad_share_input(
+    share_dir: Path, make_mgr: Callable[..., gpubo.Manager], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="share"):
+        make_mgr(share="bad/name")
+    with pytest.raises(ValueError, match="need a share"):
+        make_mgr(share_min="1MiB")
+    with pytest.raises(ValueError, match="share_min"):
+        make_mgr(share="x", share_min="2MiB", share_max="1MiB")
+    a = make_mgr(budget="8MiB", share="x")
+    with pytest.raises(ValueError, match=r"4\.0MiB.*8\.0MiB"):
+        make_mgr(budget="4MiB", share="x")  # names both budgets
+    a.alloc(MiB)
+    # Open permissions on the share's directory.
+    open_root = tmp_path / "open"
+    open_root.mkdir(mode=0o755)
+    open_root.chmod(0o755)
+    monkeypatch.setenv("GPUBO_SHARE_DIR", str(open_root))
+    with pytest.raises(gpubo.ShareError, match="0755"):
+        make_mgr(share="y")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"\x00garbage{", "damaged"),
+        (b'{"format": "gpubo-share", "version": 99, "budget": 1, "device": "", "members": {}}', "version 99"),
+        (
+            b'{"format": "gpubo-share", "version": 1, "budget": 1024, "device": "", "members": '
+            b'{"1-1": {"pid": 1, "start": 0, "reserved": 4096, "charged": 0, "min": 0, "low": 0}}}',
+            "grants",
+        ),
+    ],
+)
+def test_damaged_ledger_is_refused(
+    share_dir: Path, make_mgr: Callable[..., gpubo.Manager], content: bytes, match: str
+) -> None:
+    a = make_mgr(budget="4MiB", share="dmg")
+    bo = a.alloc(MiB)
+    bo.write(np.full(MiB, 7, np.uint8))
+    ledger = share_dir / "dmg" / "ledger.json"
+    saved = ledger.read_bytes()
+    ledger.write_bytes(content)
+    with pytest.raises(gpubo.ShareError, match=match):
+        make_mgr(budget=None, share="dmg")
+    with pytest.raises(gpubo.ShareError, match=match):
+        a.alloc(3 * MiB)  # growing the reservation reads the ledger
+    assert (bo.read(np.uint8) == 7).all()  # what it holds is intact
+    ledger.write_bytes(saved)
+    a.alloc(MiB)
+
+
+def test_two_devices_in_one_share(share_dir: Path) -> None:
+    code = (
+        "import gpubo\n"
+        "a = gpubo.Manager(budget='4MiB', share='dev', device='basic')\n"
+        "try:\n"
+        "    gpubo.Manager(budget='4MiB', share='dev', device='pthread')\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+        "a.close()\n"
+    )
+    env = {**os.environ, "POCL_DEVICES": "basic pthread"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused:" in out.stdout and "basic" in out.stdout and "pthread" in out.stdout, out.stdout
