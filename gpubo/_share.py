@@ -268,11 +268,14 @@ def process_start(pid: int) -> int | None:
 
 
 def _command() -> str:
+    """This process's command line, the program's directory left out."""
     try:
         with open("/proc/self/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+            words = f.read().decode(errors="replace").split("\0")
     except OSError:
-        return " ".join(sys.argv)[:200]
+        words = list(sys.argv)
+    words[0] = os.path.basename(words[0])
+    return " ".join(words).strip()[:200]
 
 
 # -- the ledger ------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -36,7 +37,8 @@ import click
 import pyopencl as cl
 
 import gpubo
-from gpubo import GpuboError, format_bytes, parse_bytes
+from gpubo import GpuboError, ShareError, ShareMemberStats, format_bytes, parse_bytes
+from gpubo._share import list_shares, read_share, share_root
 from gpubo.backends import OpenCLBackend, describe_platforms
 from gpubo.store import FsckReport, SwapStore, detect_backend, open_existing
 from gpubo.store.private import sweep as sweep_private_dirs
@@ -291,6 +293,7 @@ def _stress_config(
     host_pressure: bool,
     host_pressure_fraction: float,
     manager_options: dict[str, Any],
+    share: str | None = None,
 ) -> StressConfig:
     """Check the options against each other and build the config.
 
@@ -323,12 +326,12 @@ def _stress_config(
         if min_size is not None or max_size is not None:
             raise click.UsageError("--min-size and --max-size go with --random")
         lo = hi = _DEFAULT_SIZE if size is None else size
-    per_process = budget // processes
+    per_process = budget if share else budget // processes
     if hi > per_process:
         what = f"{format_bytes(hi)} BOs" if lo == hi else f"BOs of up to {format_bytes(hi)}"
-        share = f" ({format_bytes(per_process)} per process)" if processes > 1 else ""
+        split = f" ({format_bytes(per_process)} per process)" if per_process < budget else ""
         raise click.BadParameter(
-            f"{what} do not fit the budget of {format_bytes(budget)}{share}",
+            f"{what} do not fit the budget of {format_bytes(budget)}{split}",
             param_hint="'--max-size'" if random_sizes else "'--size'",
         )
     if count is not None:
@@ -363,6 +366,7 @@ def _stress_config(
         processes=processes,
         host_pressure=host_pressure_fraction if host_pressure else 0.0,
         manager_options=manager_options,
+        share=share,
     )
     try:
         config.check()
@@ -383,7 +387,7 @@ def _sizes_text(config: StressConfig) -> str:
 def _shape_text(config: StressConfig) -> str:
     parts = []
     if config.processes > 1:
-        parts.append(f"{config.processes} processes")
+        parts.append(f"{config.processes} processes" + (" on one shared budget" if config.share else ""))
     if config.threads > 1:
         parts.append(f"{config.threads} threads" + (" each" if config.processes > 1 else ""))
     return " x ".join(parts) or "1 thread"
@@ -490,6 +494,17 @@ def _check_results(report: StressReport) -> list[tuple[str, bool, str]]:
         ),
         ("leaks", not r.leaks, "; ".join(r.leaks) or "none: device and store bytes back to zero"),
     ]
+    if r.config.share is not None:
+        checks.insert(
+            3,
+            (
+                "share ledger",
+                r.share_samples > 0 and not r.share_violations,
+                f"its sum exceeded the budget in {r.share_violations} of {r.share_samples} samples"
+                if r.share_violations or not r.share_samples
+                else f"within the budget in all {r.share_samples} samples",
+            ),
+        )
     return checks
 
 
@@ -532,7 +547,9 @@ def _stress_summary(report: StressReport) -> str:
     rows.append(["verify result", verdict])
     stats = [[name, _stat_value(name, value)] for name, value in r.stats.items()]
     summary = _table(["", ""], rows)
-    stats_title = "Manager stats (summed over processes)" if c.processes > 1 else "Manager stats"
+    stats_title = (
+        "Manager stats (summed over processes, each at its own end)" if c.processes > 1 else "Manager stats"
+    )
     return f"\nSummary (timed phase):\n{summary}\n\n{stats_title}, before freeing:\n{_table(['', ''], stats)}"
 
 
@@ -561,6 +578,8 @@ def _stress_problems(report: StressReport) -> str:
         lines.append(f"ERROR: {report.error}")
     if report.budget_violations:
         lines.append(f"BUDGET EXCEEDED in {report.budget_violations} samples")
+    if report.share_violations:
+        lines.append(f"SHARE LEDGER ABOVE THE BUDGET in {report.share_violations} samples")
     for leak in report.leaks:
         lines.append(f"LEAK: {leak}")
     if report.interrupted:
@@ -569,7 +588,13 @@ def _stress_problems(report: StressReport) -> str:
 
 
 def _exit_code(report: StressReport) -> int:
-    if report.mismatch_count or report.check_failed or report.budget_violations or report.leaks:
+    if (
+        report.mismatch_count
+        or report.check_failed
+        or report.budget_violations
+        or report.share_violations
+        or report.leaks
+    ):
         return EXIT_CHECK_FAILED
     if report.error:
         return EXIT_ERROR
@@ -766,6 +791,12 @@ def _ctrl_c_stops() -> Iterator[threading.Event]:
     help="N processes, each with its own manager and store; budget, BOs and store are split between them.",
 )
 @click.option(
+    "--share",
+    "shared",
+    is_flag=True,
+    help="The processes share one budget (a device share) instead of splitting it, evicting for each other.",
+)
+@click.option(
     "--host-pressure", is_flag=True, help="A child process holds host memory while the run goes on."
 )
 @click.option(
@@ -820,6 +851,7 @@ def stress(
     kernel_every: int,
     parallel: int,
     processes: int,
+    shared: bool,
     host_pressure: bool,
     host_pressure_fraction: float,
     seed: int | None,
@@ -867,6 +899,7 @@ def stress(
         host_pressure=host_pressure,
         host_pressure_fraction=host_pressure_fraction,
         manager_options=_manager_options(store_backend=store_backend, durability=durability),
+        share=f"stress-{os.getpid()}" if shared else None,
     )
     click.echo(_stress_banner(config), err=as_json)
     if config.total_bytes <= config.budget_bytes:
@@ -1267,3 +1300,135 @@ def dask_worker(
         asyncio.run(run())
     except (OSError, TimeoutError, ValueError, TypeError, GpuboError) as e:
         raise _Failure(f"{type(e).__name__}: {e}") from e
+
+
+# -- gpubo top -------------------------------------------------------------------------
+
+
+def _share_snapshot(name: str) -> tuple[dict[str, Any] | None, list[ShareMemberStats]]:
+    try:
+        return read_share(name)
+    except ShareError as e:
+        raise _Failure(str(e)) from None
+    except ValueError as e:  # a bad share name
+        raise click.BadParameter(str(e), param_hint="'NAME'") from None
+
+
+def _rates(
+    rows: Sequence[ShareMemberStats], before: dict[str, tuple[float, int]], now: float
+) -> dict[str, float]:
+    """Requests sent and served per second by each member since ``before``
+    (updated in place); 0 for a member seen for the first time."""
+    rates: dict[str, float] = {}
+    for r in rows:
+        total = r.requests_sent + r.requests_served
+        then = before.get(r.member)
+        rates[r.member] = (total - then[1]) / (now - then[0]) if then and now > then[0] else 0.0
+        before[r.member] = (now, total)
+    return rates
+
+
+def _top_payload(
+    name: str, state: dict[str, Any] | None, rows: Sequence[ShareMemberStats], rates: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "share": name,
+        "budget_bytes": None if state is None else state["budget"],
+        "device": None if state is None else state["device"],
+        "reserved_bytes": sum(r.reserved_bytes for r in rows),
+        "members": [{**dataclasses.asdict(r), "requests_per_s": rates.get(r.member, 0.0)} for r in rows],
+    }
+
+
+def _top_text(
+    name: str, state: dict[str, Any] | None, rows: Sequence[ShareMemberStats], rates: dict[str, float]
+) -> str:
+    if state is None:
+        return f"share {name}: no ledger (no member has joined, or the last one left)"
+    reserved = sum(r.reserved_bytes for r in rows)
+    head = (
+        f"share {name}: budget {format_bytes(state['budget'])}, {format_bytes(reserved)} reserved by "
+        f"{len(rows)} member{'s' if len(rows) != 1 else ''}; device {state['device']}"
+    )
+
+    def limits(r: ShareMemberStats) -> str:
+        cap = "-" if r.max_bytes is None else format_bytes(r.max_bytes)
+        return f"{format_bytes(r.min_bytes)}/{format_bytes(r.low_bytes)}/{cap}"
+
+    table = _table(
+        [
+            "PID",
+            "COMMAND",
+            "RESERVED",
+            "RESIDENT",
+            "PINNED",
+            "EVICTABLE",
+            "SWAPPED",
+            "MIN/LOW/MAX",
+            "SENT",
+            "SERVED",
+            "REQ/S",
+        ],
+        [
+            [
+                r.pid,
+                r.command if len(r.command) <= 32 else r.command[:29] + "...",
+                format_bytes(r.reserved_bytes),
+                format_bytes(r.resident_bytes),
+                format_bytes(r.pinned_bytes),
+                format_bytes(r.evictable_bytes),
+                format_bytes(r.swapped_bytes),
+                limits(r),
+                r.requests_sent,
+                r.requests_served,
+                f"{rates.get(r.member, 0.0):.1f}",
+            ]
+            for r in rows
+        ],
+        indent="",
+    )
+    return f"{head}\n{table}"
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--once", is_flag=True, help="Print one table and exit (rates over --interval).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per share; implies --once).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+def top(name: str | None, once: bool, as_json: bool, interval: float) -> None:
+    """A live table of a device share's members (NAME, else $GPUBO_SHARE,
+    else every share of this user): pid, command, reserved, resident,
+    pinned, evictable and swapped bytes, limits, eviction requests sent and
+    served, and requests per second. Reads the ledger without its lock; it
+    never changes the share."""
+    names = (
+        [name] if name else ([os.environ["GPUBO_SHARE"]] if os.environ.get("GPUBO_SHARE") else list_shares())
+    )
+    if not names:
+        raise _Failure(f"no device shares under {share_root()}")
+    before: dict[str, tuple[float, int]] = {}
+    for n in names:  # the first reading of each, for the rates
+        _rates(_share_snapshot(n)[1], before, time.monotonic())
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(interval)
+            shown = []
+            for n in names:
+                state, rows = _share_snapshot(n)
+                rates = _rates(rows, before, time.monotonic())
+                shown.append((n, state, rows, rates))
+            if as_json:
+                payload = [_top_payload(*s) for s in shown]
+                click.echo(json.dumps(payload[0] if name else payload, indent=2))
+                return
+            text = "\n\n".join(_top_text(*s) for s in shown)
+            if once:
+                click.echo(text)
+                return
+            click.echo("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + text, nl=True)

@@ -61,10 +61,12 @@ from gpubo import (
     IntegrityError,
     Manager,
     OutOfDeviceMemory,
+    ShareError,
     State,
     StoreFull,
     format_bytes,
 )
+from gpubo._share import read_share
 from gpubo.store.private import PrivateDir
 
 __all__ = [
@@ -145,6 +147,9 @@ class StressConfig:
     progress_s: float = 0.25
     manager_options: Mapping[str, Any] = field(default_factory=dict)
     process_index: int = 0
+    #: A device share that every process joins with the whole budget
+    #: (None: the budget is split between processes).
+    share: str | None = None
 
     @property
     def random_sizes(self) -> bool:
@@ -173,8 +178,8 @@ class StressConfig:
             raise ValueError("kernel_every must not be negative")
         if not 0 <= self.host_pressure <= 0.9:
             raise ValueError(f"host_pressure must be a fraction in [0, 0.9], got {self.host_pressure}")
-        budget = self.budget_bytes // self.processes
-        per = " per process" if self.processes > 1 else ""
+        budget = self.budget_bytes // (1 if self.share else self.processes)
+        per = " per process" if self.processes > 1 and not self.share else ""
         if self.max_nbytes * self.threads > budget:
             held = f"each of {self.threads} threads may hold" if self.threads > 1 else "the run holds"
             raise ValueError(
@@ -197,7 +202,8 @@ class StressConfig:
             )
 
     def for_process(self, index: int) -> StressConfig:
-        """The share of process ``index``: budget, BOs and store split evenly."""
+        """The part of process ``index``: budget (unless in a share), BOs and
+        store split evenly."""
         p = self.processes
         count = self.count
         if count is None and not self.random_sizes:  # split whole BOs, not bytes
@@ -206,7 +212,7 @@ class StressConfig:
         store = None if self.store is None else os.path.join(self.store, f"proc{index}")
         return dataclasses.replace(
             self,
-            budget_bytes=self.budget_bytes // p,
+            budget_bytes=self.budget_bytes // (1 if self.share else p),
             total_bytes=self.total_bytes // p,
             count=count,
             store=store,
@@ -223,12 +229,15 @@ def manager_kwargs(config: StressConfig) -> dict[str, Any]:
     ``config.manager_options`` (store backend, durability, ...) go through
     unchanged, so a new manager option needs no change here.
     """
-    return {
+    kwargs: dict[str, Any] = {
         "budget": config.budget_bytes,
         "store": config.store,
         "store_size": config.store_size_bytes,
         **config.manager_options,
     }
+    if config.share is not None:
+        kwargs["share"] = config.share
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -303,6 +312,9 @@ class StressReport:
     interrupted: bool = False
     swept: bool = False
     budget_violations: int = 0
+    #: In a share: samples of its ledger, and those whose sum exceeded the budget.
+    share_samples: int = 0
+    share_violations: int = 0
     leaks: list[str] = field(default_factory=list)
     host_pressure_bytes: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # Stats as a dict: ints, and the transfer name
@@ -319,6 +331,7 @@ class StressReport:
             or self.check_failed
             or self.interrupted
             or self.budget_violations
+            or self.share_violations
             or self.leaks
         ) and (self.swept or self.bo_count == 0)
 
@@ -835,7 +848,7 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _aggregate(samples: Mapping[int, Sample], elapsed_s: float) -> Sample:
+def _aggregate(samples: Mapping[int, Sample], elapsed_s: float, shared: bool = False) -> Sample:
     values = list(samples.values())
     phase = min((s.phase for s in values), key=_PHASES.index)
 
@@ -848,7 +861,7 @@ def _aggregate(samples: Mapping[int, Sample], elapsed_s: float) -> Sample:
         phase=phase,
         operations=total("operations"),
         mismatches=total("mismatches"),
-        budget_bytes=total("budget_bytes"),
+        budget_bytes=max(s.budget_bytes for s in values) if shared else total("budget_bytes"),
         resident_bytes=total("resident_bytes"),
         pooled_bytes=total("pooled_bytes"),
         swapped_bytes=total("swapped_bytes"),
@@ -897,6 +910,8 @@ def _merge(config: StressConfig, parts: list[StressReport]) -> StressReport:
                 r.stats[key] = r.stats.get(key, 0) + value
             else:  # the transfer strategy: the same in every process
                 r.stats[key] = value
+    if config.share is not None and "budget" in r.stats:
+        r.stats["budget"] = config.budget_bytes  # one budget for all, not one each
     r.swept = bool(parts) and all(p.swept or p.bo_count == 0 for p in parts)
     del r.mismatches[MAX_REPORTED_MISMATCHES:]
     _set_percentiles(r)
@@ -934,6 +949,7 @@ def _run_processes(
     latest: dict[int, Sample] = {}
     reports: dict[int, StressReport] = {}
     timeline: list[Sample] = []
+    share_checks = _ShareCheck(config.share)
     errors: list[str] = []
     interrupted = False
     next_sample = start + config.progress_s
@@ -958,9 +974,10 @@ def _run_processes(
             now = time.monotonic()
             if latest and now >= next_sample:
                 next_sample = now + config.progress_s
-                sample = _aggregate(latest, now - start)
+                sample = _aggregate(latest, now - start, config.share is not None)
                 timeline.append(sample)
                 on_sample(sample)
+                share_checks.check()
     except KeyboardInterrupt:
         interrupted = True  # ask the children to stop, and collect what they send
         stop.set()
@@ -988,9 +1005,41 @@ def _run_processes(
     if errors:
         report.error = "; ".join(errors) if report.error is None else f"{report.error}; {'; '.join(errors)}"
     if latest:
-        timeline.append(_aggregate(latest, time.monotonic() - start))
+        timeline.append(_aggregate(latest, time.monotonic() - start, config.share is not None))
     report.timeline = timeline
+    report.share_samples, report.share_violations = share_checks.samples, share_checks.violations
+    if share_checks.error:
+        report.error = share_checks.error if report.error is None else f"{report.error}; {share_checks.error}"
     return report
+
+
+class _ShareCheck:
+    """Reads a share's ledger at each progress sample: the members'
+    reservations and charges must fit the budget in every one."""
+
+    def __init__(self, share: str | None) -> None:
+        self.share = share
+        self.samples = self.violations = 0
+        self.error: str | None = None
+
+    def check(self) -> None:
+        if self.share is None:
+            return
+        try:
+            state, rows = read_share(self.share)
+        except ShareError as e:
+            self.error = f"share ledger: {e}"
+            return
+        if state is None:
+            return
+        self.samples += 1
+        if (
+            sum(r.reserved_bytes for r in rows) > state["budget"]
+            or sum(r.charged_bytes for r in rows) > state["budget"]
+            or any(r.charged_bytes > r.reserved_bytes for r in rows)
+        ):
+            self.violations += 1
+            log.error("share %s: the ledger exceeds the budget: %s", self.share, rows)
 
 
 # -- host memory pressure --------------------------------------------------------------

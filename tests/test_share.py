@@ -333,3 +333,54 @@ def test_two_devices_in_one_share(share_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused:" in out.stdout and "basic" in out.stdout and "pthread" in out.stdout, out.stdout
+
+
+def test_stress_share_and_top(share_dir: Path, members: list[subprocess.Popen[str]]) -> None:
+    """`gpubo stress --processes 3 --share` passes with the ledger checked at
+    every sample; `gpubo top` shows a member, as a table and as JSON."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpubo",
+            "stress",
+            "--processes",
+            "3",
+            "--share",
+            "--budget",
+            "8MiB",
+            "--size",
+            "256KiB",
+            "--seconds",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["ok"] and report["mismatch_count"] == 0
+    assert report["share_samples"] > 3 and report["share_violations"] == 0
+    assert report["run_evictions"] > 0 and report["stats"]["budget"] == 8 * MiB
+    assert report["config"]["share"]
+
+    members.append(start_child("view", "sleep", 2, MiB, 0, 1, budget="8MiB"))
+    wait_line(members[0], "ready")
+    gpubo_top = [sys.executable, "-m", "gpubo", "top", "view", "--interval", "0.2"]
+    once = subprocess.run([*gpubo_top, "--once"], capture_output=True, text=True, timeout=60)
+    assert once.returncode == 0, once.stderr
+    assert f"\n{members[0].pid} " in once.stdout and "2.0MiB" in once.stdout, once.stdout
+    js = subprocess.run([*gpubo_top, "--json"], capture_output=True, text=True, timeout=60)
+    payload = json.loads(js.stdout)
+    assert payload["budget_bytes"] == 8 * MiB and payload["reserved_bytes"] >= 2 * MiB
+    (row,) = payload["members"]
+    assert row["pid"] == members[0].pid and row["resident_bytes"] == 2 * MiB and row["requests_per_s"] == 0
+    assert "share_child.py view sleep" in row["command"]
+    missing = subprocess.run([*gpubo_top[:4], "nosuch", "--once"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr and "nosuch" in missing.stderr
+    assert members[0].stdin is not None
+    members[0].stdin.write("go\n")
+    members[0].stdin.flush()
+    assert finish(members[0])["mismatches"] == 0
