@@ -32,6 +32,7 @@ for the lock order); victims are try-locked, never waited for.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -98,6 +99,9 @@ class Policy:
     #: Called with each evicted BO, its lock still held (hibernate syncs
     #: named ones as it goes, so that what is done stays done).
     after_evict: Callable[[BufferObject], None] | None = None
+    #: Skip victims larger than this (a share member giving back no more
+    #: than its ``share_min`` allows).
+    max_victim_bytes: int | None = None
 
 
 class Walked(NamedTuple):
@@ -115,6 +119,11 @@ _SHRINK = {
     for may_block in (True, False)
 }
 _ROOM_FOR_ANYONE = Policy(keep_buffer=True, wait=True)
+
+
+def _one_victim(want: int, freed: int) -> int:
+    """A walk's ``need`` that takes one victim (``want`` bytes wanted)."""
+    return want if freed == 0 else 0
 
 
 class Evictor:
@@ -214,6 +223,8 @@ class Evictor:
                 for bo in lst:
                     if (dirty and bo.entry is not None) or (only is not None and bo.group is not only):
                         continue
+                    if policy.max_victim_bytes is not None and bo.nbytes > policy.max_victim_bytes:
+                        continue
                     if (policy.protect and res.protection_locked(bo.group, policy.for_group) != 0) or (
                         res.busy_locked(bo)
                     ):
@@ -227,7 +238,9 @@ class Evictor:
                     break  # a clean BO exists but is in use: rank properly below
         protect = policy.protect
         for bo in res.lru:
-            if only is not None and bo.group is not only:
+            if (only is not None and bo.group is not only) or (
+                policy.max_victim_bytes is not None and bo.nbytes > policy.max_victim_bytes
+            ):
                 continue
             tier = res.protection_locked(bo.group, policy.for_group) if protect else 0
             if tier is None:
@@ -422,12 +435,28 @@ class Evictor:
             self.mover.drop_staging()
             self.res.room_lock.release()
 
-    def give_back(self, nbytes: int) -> int:
+    def give_back(self, nbytes: int, floor: int) -> int:
         """Device bytes freed for a share peer's request: pooled buffers,
-        then the non-blocking shrink (try-locks only, busy BOs skipped)."""
+        then victims of a non-blocking walk (try-locks only, busy BOs
+        skipped: the serving side never waits for a lock), one at a time and
+        each no larger than what leaves ``floor`` charged bytes (the
+        member's protection). 0 if another thread is making room here."""
         freed = self.mover.drain_pool(nbytes)
-        if freed < nbytes:
-            freed += self.shrink_device(nbytes - freed, may_block=False)
+        if freed >= nbytes or not self.res.room_lock.acquire(blocking=False):
+            return freed
+        try:
+            while freed < nbytes:
+                with self.res.lock:
+                    room = self.res.charged_bytes - floor
+                if room <= 0:
+                    break
+                policy = Policy(may_block=False, clean_first=True, max_victim_bytes=room)
+                walked = self.walk(policy, functools.partial(_one_victim, nbytes - freed))
+                if not walked.victims:
+                    break
+                freed += walked.freed
+        finally:
+            self.res.room_lock.release()
         return freed
 
     def evict_group_to(self, grp: GroupLike, max_bytes: int) -> None:

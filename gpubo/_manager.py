@@ -214,20 +214,20 @@ class Manager:
                 StoreCacheShrinker(self.store),
             ]
         )
-        if self._share is not None:
-            self._share.attach(self._res, self._evictor.give_back)
         self._monitor_lock = threading.Lock()
         self._monitor: PressureMonitor | None = None
-        if pressure is not None and pressure is not False:
-            self.watch_pressure(None if pressure is True else pressure)
+        try:
+            if pressure is not None and pressure is not False:
+                self.watch_pressure(None if pressure is True else pressure)
+        except BaseException:
+            self.close()  # the store, the share, the buffers: nothing stays behind
+            raise
+        if self._share is not None:  # serves peers until close(), or until this manager is collected
+            self._share.attach(self._res, self._evictor.give_back)
+            weakref.finalize(self, self._share.stop)
         _array.opened(self)  # the default manager of unpickled DeviceArrays, unless one is named
-        log.info(
-            "gpubo manager on %s: budget %s, store %s (%s)",
-            backend.name,
-            format_bytes(self.budget),
-            self.store.path,
-            format_bytes(self.store.size_bytes),
-        )
+        where = f"{self.store.path} ({format_bytes(self.store.size_bytes)})"
+        log.info("gpubo manager on %s: budget %s, store %s", backend.name, format_bytes(self.budget), where)
 
     # -- the device -----------------------------------------------------------
 
@@ -580,12 +580,8 @@ class Manager:
     # -- the whole ------------------------------------------------------------------------
 
     def share_stats(self) -> list[ShareMemberStats]:
-        """One row per live member of this manager's share (the others' usage is at most 0.1 s old).
-
-        Raises:
-            ValueError: the manager is not in a share.
-            ShareError: the share's ledger is damaged.
-        """
+        """One row per live member of this manager's share (others' usage at most 0.1 s old).
+        Raises ValueError outside a share, ShareError if its ledger is damaged."""
         if self._share is None:
             raise ValueError("this manager is not in a share (Manager(share=...))")
         self._res.check_open()
@@ -642,9 +638,11 @@ class Manager:
                     self._mover.free_all(live)
                     self._mover.transfer.close()
                 finally:
-                    self._close_store()
-                    if self._share is not None:
-                        self._share.leave()
+                    try:
+                        self._close_store()
+                    finally:
+                        if self._share is not None:
+                            self._share.leave()  # its buffers are released: its charge goes
         log.info("gpubo manager closed")
 
     def __enter__(self) -> Manager:

@@ -55,11 +55,11 @@ waits for another without a bound, so there is no cycle of waits.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -68,6 +68,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,11 +106,16 @@ ASK_TIMEOUT_S = 2.0
 SERVE_TRY_S = 0.5
 #: How often each member's listener publishes its usage and checks for dead members.
 TICK_S = 0.1
+#: How long a member waits for the ledger's lock before it gives up with ShareError.
+LOCK_TIMEOUT_S = 10.0
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _serial = itertools.count(1)
 #: Integer fields every member entry must hold (anything else is a damaged ledger).
 _MEMBER_INTS = ("pid", "start", "reserved", "charged", "min", "low")
+#: Counters a member entry may hold.
+_MEMBER_COUNTS = ("resident", "pinned", "evictable", "swapped", "sent", "served", "given")
+_MEMBER_KEY = re.compile(r"[0-9]{1,10}-[0-9]{1,10}\Z")
 
 
 @dataclass(frozen=True)
@@ -251,20 +257,44 @@ def list_shares() -> list[str]:
     return sorted(p.name for p in root.iterdir() if _NAME.match(p.name) and (p / "ledger.json").exists())
 
 
+#: What :func:`process_start` says when it cannot tell (the process is taken as alive).
+UNKNOWN_START = -1
+
+
 def process_start(pid: int) -> int | None:
     """Start time of process ``pid`` (clock ticks since boot, field 22 of
-    ``/proc/PID/stat``), or None if it is gone or a zombie."""
+    ``/proc/PID/stat``); None if it is gone or a zombie; :data:`UNKNOWN_START`
+    if ``/proc`` cannot say now (out of file descriptors, say): only a
+    process known to be gone is ever taken for dead."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()  # the command may hold spaces and parentheses
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
+        return UNKNOWN_START
+    try:
+        fields = data[data.rindex(b")") + 2 :].split()  # the command may hold spaces and parentheses
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    except (ValueError, IndexError):
+        return UNKNOWN_START
+
+
+def _alive(m: dict[str, Any]) -> bool:
+    """Whether the member entry ``m``'s process still runs (pid and start time)."""
+    start = process_start(m["pid"])
+    return start == UNKNOWN_START or start == m["start"]
+
+
+def _pid_namespace() -> int:
+    """The inode of this process's pid namespace (0 if unknown): members of
+    one share must see each other's pids."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _command() -> str:
@@ -319,15 +349,46 @@ class Ledger:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the ledger's lock (this process's threads, then other processes)."""
+        """Hold the ledger's lock (this process's threads, then other processes).
+
+        Raises:
+            ShareError: another process has held it for :data:`LOCK_TIMEOUT_S`
+                (stopped in a debugger, say: a dead one's lock is released by
+                the kernel), or the ledger's files failed.
+        """
         with self._thread_lock:
             if self._fd < 0:
-                raise ShareError("the share was left")
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+                raise ShareError("this process is no longer a member of the share")
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            pause = 0.0002
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ShareError(
+                            f"the share's lock {self.directory / 'lock'} has been held by another "
+                            f"process for {LOCK_TIMEOUT_S:g} s (is a member stopped?)"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.001)
+                except OSError as e:
+                    raise ShareError(f"cannot lock the share's ledger: {e}") from e
             try:
                 yield
+            except OSError as e:
+                raise ShareError(f"the share's ledger in {self.directory} failed: {e}") from e
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's lock file (the child shares its
+        open file, so its flock would be the parent's) without unlocking it."""
+        self._thread_lock = threading.Lock()
+        if self._fd >= 0:
+            os.close(self._fd)  # closing a duplicate does not release the parent's flock
+            self._fd = -1
 
     def load(self) -> dict[str, Any] | None:
         """The ledger, validated, or None if there is none.
@@ -389,7 +450,7 @@ def read_ledger(path: Path) -> dict[str, Any] | None:
         raise ShareError(f"the share ledger {path} is damaged (members); remove it when no member runs")
     total = 0
     for key, m in members.items():
-        if not isinstance(m, dict) or any(type(m.get(k)) is not int or m[k] < 0 for k in _MEMBER_INTS):
+        if not (_MEMBER_KEY.match(key) and isinstance(m, dict) and _member_ok(m)):
             raise ShareError(
                 f"the share ledger {path} is damaged (member {key!r}); remove it when no member runs"
             )
@@ -402,6 +463,23 @@ def read_ledger(path: Path) -> dict[str, Any] | None:
     return state
 
 
+def _member_ok(m: dict[str, Any]) -> bool:
+    """Every field of a member entry has its type (optional ones may be absent)."""
+
+    def count(v: object) -> bool:
+        return type(v) is int and v >= 0
+
+    oldest = m.get("oldest")
+    return (
+        all(count(m.get(k)) for k in _MEMBER_INTS)
+        and all(count(m[k]) for k in _MEMBER_COUNTS if k in m)
+        and (m.get("max") is None or count(m["max"]))
+        and (oldest is None or (type(oldest) in (int, float) and math.isfinite(oldest)))
+        and type(m.get("updated", 0.0)) in (int, float)
+        and all(isinstance(m.get(k, ""), str) for k in ("command", "device"))
+    )
+
+
 def read_share(name: str) -> tuple[dict[str, Any] | None, list[ShareMemberStats]]:
     """A share's ledger and its live members' rows, read without its lock
     (for ``gpubo top``: it never changes the share)."""
@@ -409,17 +487,13 @@ def read_share(name: str) -> tuple[dict[str, Any] | None, list[ShareMemberStats]
     state = read_ledger(directory / "ledger.json")
     if state is None:
         return None, []
-    rows = [
-        ShareMemberStats.from_entry(k, m)
-        for k, m in state["members"].items()
-        if process_start(m["pid"]) == m["start"]
-    ]
+    rows = [ShareMemberStats.from_entry(k, m) for k, m in state["members"].items() if _alive(m)]
     return state, rows
 
 
 def _reap(state: dict[str, Any], directory: Path, me: str | None) -> bool:
     """Drop the entries of members whose process is gone; True if any was."""
-    dead = [k for k, m in state["members"].items() if k != me and process_start(m["pid"]) != m["start"]]
+    dead = [k for k, m in state["members"].items() if k != me and not _alive(m)]
     for k in dead:
         m = state["members"].pop(k)
         with contextlib.suppress(OSError):
@@ -435,6 +509,18 @@ def _reap(state: dict[str, Any], directory: Path, me: str | None) -> bool:
 
 
 # -- a member ------------------------------------------------------------------------
+
+#: Every member of this process, so that a forked child can drop them.
+_MEMBERS: weakref.WeakSet[ShareMember] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for member in list(_MEMBERS):
+        member.forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ShareMember:
@@ -479,7 +565,7 @@ class ShareMember:
         self._start = start
         self._command = _command()
         self._res: Any = None
-        self._serve: Callable[[int], int] | None = None
+        self._serve: Callable[[int, int], int] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ledger = Ledger(self.directory)
@@ -491,6 +577,18 @@ class ShareMember:
             raise
         self.cap = self.budget if self.max_bytes is None else min(self.max_bytes, self.budget)
         self.step = max(1 << 20, min(self.budget // 64, 64 << 20))
+        _MEMBERS.add(self)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: this is the parent's membership. Drop its files
+        without touching the ledger, the parent's lock or its socket; the
+        child's calls that need the share raise ShareError."""
+        self._stop.set()
+        self._thread = None
+        self.ledger.forget_after_fork()
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()  # a copy of the parent's listening socket; its path stays the parent's
 
     def _join(self, budget: int | None, default_budget: int) -> int:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -512,13 +610,20 @@ class ShareMember:
                     "name": self.name,
                     "budget": budget if budget is not None else default_budget,
                     "device": self.device,
+                    "pidns": _pid_namespace(),
                     "members": {},
                 }
             else:
                 if budget is not None and budget != state["budget"]:
                     raise ValueError(
-                        f"budget {format_bytes(budget)} differs from share {self.name!r}'s budget "
-                        f"{format_bytes(state['budget'])} (omit budget to join with the share's)"
+                        f"budget {format_bytes(budget)} ({budget} bytes) differs from share "
+                        f"{self.name!r}'s budget {format_bytes(state['budget'])} ({state['budget']} bytes); "
+                        "omit budget to join with the share's"
+                    )
+                if state.get("pidns", 0) != _pid_namespace():
+                    raise ValueError(
+                        f"share {self.name!r} belongs to processes of another pid namespace (another "
+                        "container): members must see each other's processes"
                     )
                 if self.device != state["device"]:
                     raise ValueError(
@@ -530,14 +635,22 @@ class ShareMember:
                     f"share_min {format_bytes(self.min_bytes)} exceeds share {self.name!r}'s budget "
                     f"{format_bytes(state['budget'])}"
                 )
-            state["members"][self.id] = self._entry(state["budget"], {})
+            others_min = sum(m["min"] for m in state["members"].values())
+            if others_min + self.min_bytes > state["budget"]:
+                raise ValueError(
+                    f"share_min {format_bytes(self.min_bytes)} and the other members' "
+                    f"{format_bytes(others_min)} exceed share {self.name!r}'s budget "
+                    f"{format_bytes(state['budget'])}"
+                )
+            state["members"][self.id] = self._entry({})
             self.ledger.save(state)
         log.info("joined share %s as %s (budget %s)", self.name, self.id, format_bytes(state["budget"]))
         return int(state["budget"])
 
-    def attach(self, resource: Any, serve: Callable[[int], int]) -> None:
+    def attach(self, resource: Any, serve: Callable[[int, int], int]) -> None:
         """Wire the manager's resource and its non-blocking eviction
-        (``serve(nbytes)``: device bytes freed), then start the listener."""
+        (``serve(nbytes, floor)``: device bytes freed, never leaving fewer
+        than ``floor`` charged), then start the listener."""
         self._res = resource
         self._serve = serve
         self._thread = threading.Thread(target=self._listen, name=f"gpubo-share-{self.id}", daemon=True)
@@ -561,13 +674,13 @@ class ShareMember:
             "oldest": oldest,
         }
 
-    def _entry(self, budget: int, usage: dict[str, Any]) -> dict[str, Any]:
+    def _entry(self, usage: dict[str, Any], reserved: int | None = None) -> dict[str, Any]:
         return {
             "pid": self._pid,
             "start": self._start,
             "command": self._command,
             "device": self.device,
-            "reserved": self.reserved,
+            "reserved": self.reserved if reserved is None else reserved,
             "charged": usage.get("charged", 0),
             "resident": usage.get("resident", 0),
             "pinned": usage.get("pinned", 0),
@@ -583,12 +696,25 @@ class ShareMember:
             "updated": time.time(),
         }
 
-    def _transact(self, change: Callable[[dict[str, Any]], bool], usage: dict[str, Any]) -> bool:
-        """Load the ledger, drop dead members, apply ``change`` (which may
-        change ``self.reserved``; its result is returned), and if it says
-        True (or a dead member was dropped) write this member's entry and
-        save. The caller holds ``Resource.lock`` if ``change`` changes the
-        reservation."""
+    def _transact(
+        self, change: Callable[[dict[str, Any]], int | None], usage: dict[str, Any], publish: bool = False
+    ) -> int | None:
+        """Load the ledger, drop dead members, ask ``change`` for this
+        member's new reservation (None: unchanged), and if there is one (or
+        ``publish``, or a dead member was dropped) write this member's entry
+        and save. Returns the new reservation once it is saved; the caller
+        sets ``reserved`` (and ``Resource.limit``) only then, so a failed
+        write changes nothing. The caller holds ``Resource.lock`` if the
+        reservation may change.
+
+        Raises:
+            ShareError: the ledger is damaged, its files failed, or this
+                member's entry is gone; nothing changed.
+        """
+        if os.getpid() != self._pid:
+            raise ShareError(
+                "a forked child is not a member of its parent's share (open a Manager of its own)"
+            )
         with self.ledger.locked():
             state = self.ledger.load()
             if state is None or self.id not in state["members"]:
@@ -597,11 +723,11 @@ class ShareMember:
                     "(was the share directory removed?)"
                 )
             reaped = _reap(state, self.directory, self.id)
-            result = change(state)
-            if result or reaped:
-                state["members"][self.id] = self._entry(state["budget"], usage)
+            new = change(state)
+            if new is not None or publish or reaped:
+                state["members"][self.id] = self._entry(usage, new)
                 self.ledger.save(state)
-            return result
+            return new
 
     # -- the resource's side (Resource.lock held) --------------------------------------
 
@@ -612,18 +738,19 @@ class ShareMember:
         if total > self.cap:
             return False
 
-        def grow(state: dict[str, Any]) -> bool:
+        def grow(state: dict[str, Any]) -> int | None:
             others = sum(m["reserved"] for k, m in state["members"].items() if k != self.id)
-            room = state["budget"] - others - self.reserved
+            room: int = state["budget"] - others - self.reserved
             want = total - self.reserved
             if room < want:
-                return False
-            self.reserved += min(room, want + self.step, self.cap - self.reserved)
-            return True
+                return None
+            return self.reserved + min(room, want + self.step, self.cap - self.reserved)
 
         grown = self._transact(grow, self._usage_locked())
-        self._res.limit = self.reserved
-        return grown
+        if grown is None:
+            return False
+        self.reserved = self._res.limit = grown
+        return True
 
     def _release_locked(self, keep: int) -> int:
         """Give back reservation beyond the charge plus ``keep`` spare bytes; bytes given."""
@@ -632,13 +759,11 @@ class ShareMember:
         if target >= self.reserved:
             return 0
         release = self.reserved - target
-
-        def shrink(state: dict[str, Any]) -> bool:
-            self.reserved = target
-            return True
-
-        self._transact(shrink, self._usage_locked())
-        res.limit = self.reserved
+        # Lowered here first: from now on nothing is charged above the target,
+        # whether or not the ledger's write succeeds (then it records more).
+        res.limit = target
+        self._transact(lambda state: target, self._usage_locked())
+        self.reserved = target
         return release
 
     # -- asking (no lock held but this manager's room_lock) --------------------------
@@ -650,11 +775,7 @@ class ShareMember:
         state = self.ledger.load()
         if state is None:
             return []
-        return [
-            (k, m)
-            for k, m in state["members"].items()
-            if k != self.id and process_start(m["pid"]) == m["start"]
-        ]
+        return [(k, m) for k, m in state["members"].items() if k != self.id and _alive(m)]
 
     def ask_peers(self, nbytes: int, older_than: float | None) -> int:
         """Ask peers to give back ``nbytes`` of reservation; bytes given.
@@ -717,11 +838,13 @@ class ShareMember:
         path = os.fspath(self.directory / f"{key}.sock")
         request = json.dumps({"give": nbytes, "below_low": below_low, "from": self.id}).encode() + b"\n"
         try:
+            deadline = time.monotonic() + ASK_TIMEOUT_S  # for the whole exchange
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(ASK_TIMEOUT_S)
                 s.connect(path)
+                s.settimeout(max(0.001, deadline - time.monotonic()))
                 s.sendall(request)
-                reply = _read_line(s, time.monotonic() + ASK_TIMEOUT_S)
+                reply = _read_line(s, deadline)
             given: int = json.loads(reply)["given"]
             if type(given) is not int or given < 0:
                 raise ValueError(f"bad reply {reply!r}")
@@ -802,7 +925,7 @@ class ShareMember:
                 evict = min(nbytes - spare, res.charged_bytes - floor)
             if evict <= 0:
                 break
-            freed = self._serve(evict)
+            freed = self._serve(evict, floor)
             if freed or self._asking or time.monotonic() >= deadline:
                 break  # (a thread of this member that is asking holds its room_lock: do not wait for it)
             with res.lock:
@@ -822,27 +945,22 @@ class ShareMember:
             with self._res.lock:
                 if self.reserved - self._res.charged_bytes > self.step:
                     self._release_locked(self.step)
-                    return
-                usage = self._usage_locked()
-            self._transact(lambda state: True, usage)
+                else:
+                    self._transact(lambda state: None, self._usage_locked(), publish=True)
         except ShareError as e:
             log.warning("share %s: %s", self.name, e)
-        except OSError as e:
-            if e.errno != errno.EBADF:
-                log.warning("share %s: cannot update the ledger: %s", self.name, e)
 
     def stats(self) -> list[ShareMemberStats]:
         """The live members' rows, this member's usage published first."""
-        with self._res.lock:
-            usage = self._usage_locked()
         rows: list[ShareMemberStats] = []
 
-        def collect(state: dict[str, Any]) -> bool:
-            state["members"][self.id] = self._entry(state["budget"], usage)
+        def collect(state: dict[str, Any]) -> None:
+            state["members"][self.id] = self._entry(usage)
             rows.extend(ShareMemberStats.from_entry(k, m) for k, m in state["members"].items())
-            return True
 
-        self._transact(collect, usage)
+        with self._res.lock:
+            usage = self._usage_locked()
+            self._transact(collect, usage, publish=True)
         return rows
 
     # -- leaving --------------------------------------------------------------------------
@@ -852,7 +970,7 @@ class ShareMember:
         self._stop.set()
         self._close_socket()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout=LOCK_TIMEOUT_S + SERVE_TRY_S + ASK_TIMEOUT_S)
 
     def leave(self) -> None:
         """Stop serving and drop this member's entry (the caller has released
@@ -877,16 +995,19 @@ class ShareMember:
         sock = getattr(self, "_sock", None)
         if sock is not None and sock.fileno() >= 0:
             sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.socket_path)
+            if os.getpid() == self._pid:  # never a forked child's: the path is its parent's
+                with contextlib.suppress(OSError):
+                    os.unlink(self.socket_path)
 
 
 def _read_line(s: socket.socket, deadline: float) -> bytes:
     """One newline-terminated message (at most 4 KiB) before ``deadline``."""
     data = b""
     while not data.endswith(b"\n"):
-        if time.monotonic() > deadline or len(data) > 4096:
+        left = deadline - time.monotonic()
+        if left <= 0 or len(data) > 4096:
             raise ValueError("no complete message")
+        s.settimeout(left)
         chunk = s.recv(4096)
         if not chunk:
             raise ValueError("connection closed")

@@ -5,8 +5,10 @@ Usage: python share_child.py SHARE MODE COUNT SIZE SECONDS SEED [key=value ...]
 Joins SHARE (``$GPUBO_SHARE_DIR``), allocates COUNT BOs of SIZE bytes, each
 holding a pattern of (SEED, index, version), and then:
 
-* ``work``: for SECONDS, reads a random BO and checks it, and now and then
-  rewrites one with a new version (every byte checked on every read);
+* ``work``: prints ``ready``, waits for a line on stdin (``go``), then for
+  SECONDS or until a second line (``stop``) reads a random BO and checks it,
+  and now and then rewrites one with a new version (every byte checked on
+  every read);
 * ``sleep``: prints ``ready``, sleeps in its main thread until a line comes
   on stdin, then checks every BO;
 * ``lock``: prints ``locked`` while holding the share's ledger lock (the
@@ -24,6 +26,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 
 import numpy as np
@@ -65,9 +68,17 @@ def main() -> None:
         sys.stdin.readline()
     else:
         print("ready", flush=True)
+        sys.stdin.readline()  # go
+        stop = threading.Event()
+
+        def wait_for_stop() -> None:
+            if sys.stdin.readline().strip() == "stop":  # not at end of input: the parent's communicate()
+                stop.set()
+
+        threading.Thread(target=wait_for_stop, daemon=True).start()
         rng = random.Random(s)
         end = time.monotonic() + duration
-        while time.monotonic() < end:
+        while time.monotonic() < end and not stop.is_set():
             i = rng.randrange(n)
             if rng.random() < 0.2:
                 versions[i] += 1
