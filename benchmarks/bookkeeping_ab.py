@@ -1,6 +1,10 @@
 """The two bookkeeping costs of ``gpubo bench`` section 5, in isolation, for
 A/B runs of two checkouts: the median time of ``read`` of a resident 4 KiB
-BO, and of ``mgr.evict(1)`` (pick the LRU victim and evict it).
+BO, and of ``mgr.evict(1)`` (pick the LRU victim and evict it); and two
+costs of the allocation path, which a device share hooks into (measured to
+show that a manager without a share pays nothing for it): ``alloc`` plus
+``free`` of a 4 KiB BO (its buffer from the pool), and the restore of a
+swapped 64 KiB BO that must evict another (the budget holds one).
 
 Run it for each checkout in turn, several times, alternating, with
 ``PYTHONPATH`` naming the checkout so that its ``gpubo`` is imported (an
@@ -67,11 +71,26 @@ def main(label: str) -> None:
             evict_s.append(time.perf_counter() - start)
             probe.read(out=out)  # keep the probe at the LRU tail
         evict = _summary_us(evict_s)
+        alloc = _summary_us(_timed(lambda: m.alloc(4 * KiB).free(), 3000))
+    with gpubo.Manager(64 * KiB, store_size=64 << 20, store_backend="slotfile", checksums=False) as m2:
+        pair = [m2.alloc(64 * KiB), m2.alloc(64 * KiB)]
+        for bo in pair:
+            bo.write(np.ones(64, np.uint8))
+        turn = iter(range(10**9))
+        restore = _summary_us(_timed(lambda: pair[next(turn) % 2].read(np.uint8, 1), 2000))
+    figures = {
+        "read_4k_us": read,
+        "evict_decision_us": evict,
+        "alloc_free_4k_us": alloc,
+        "restore_64k_us": restore,
+    }
     print(
-        f"{label}: 4 KiB read min/p10/median {read['min']:.1f}/{read['p10']:.1f}/{read['median']:.1f} us; "
-        f"mgr.evict(1) {evict['min']:.1f}/{evict['p10']:.1f}/{evict['median']:.1f} us"
+        f"{label}: "
+        + "; ".join(
+            f"{k} min/p10/median {v['min']:.1f}/{v['p10']:.1f}/{v['median']:.1f}" for k, v in figures.items()
+        )
     )
-    print(json.dumps({"label": label, "read_4k_us": read, "evict_decision_us": evict}), file=sys.stderr)
+    print(json.dumps({"label": label, **figures}), file=sys.stderr)
 
 
 if __name__ == "__main__":
