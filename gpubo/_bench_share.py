@@ -12,6 +12,8 @@
   processes on one share, as 4 processes splitting the budget, and as one
   process with 4 threads; operations per second of each, and the ratios
   to one process. The runs rotate.
+* ``uneven``: one busy process beside 3 idle ones, on one share against a
+  split budget: what a share is for.
 
 Run as ``python -m gpubo._bench_share NAME COUNT SIZE`` it is the member
 process of ``request``: it joins share NAME with COUNT dirty BOs of SIZE
@@ -33,7 +35,7 @@ import numpy as np
 import gpubo
 from gpubo.stress import StressConfig, run_stress
 
-__all__ = ["bench_contention", "bench_request", "bench_share"]
+__all__ = ["bench_contention", "bench_request", "bench_share", "bench_uneven"]
 
 MiB = 1 << 20
 
@@ -43,9 +45,10 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _member(name: str, count: int, nbytes: int) -> subprocess.Popen[str]:
+def _member(name: str, count: int, nbytes: int, budget: int | None = None) -> subprocess.Popen[str]:
+    budget = count * nbytes if budget is None else budget
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpubo._bench_share", name, str(count), str(nbytes)],
+        [sys.executable, "-m", "gpubo._bench_share", name, str(count), str(nbytes), str(budget)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -155,18 +158,73 @@ def bench_contention(seconds: float, reps: int, budget: int = 16 * MiB) -> dict[
     return out
 
 
+def bench_uneven(seconds: float, reps: int, budget: int = 16 * MiB) -> dict[str, Any]:
+    """One busy process (the stress workload, a working set of half the
+    budget) beside 3 idle ones that each filled a quarter of it: on one
+    share (the idle ones give their memory up on request) against a split
+    budget (a quarter each: the busy one thrashes); its operations/s."""
+    bo = 256 << 10
+    base = StressConfig(
+        budget_bytes=budget // 4,
+        total_bytes=budget // 2,
+        min_nbytes=bo,
+        max_nbytes=bo,
+        seconds=seconds,
+        loops=None,
+        seed=2,
+        store_size_bytes=8 * budget,
+    )
+    samples: dict[str, list[float]] = {"shared": [], "split": []}
+    evictions: dict[str, int] = {}
+    for rep in range(reps):
+        for label in ("shared", "split") if rep % 2 == 0 else ("split", "shared"):
+            if label == "split":
+                report = run_stress(base)
+            else:
+                name = f"bench-{os.getpid()}-uneven-{rep}"
+                idle = [_member(name, budget // 4 // bo, bo, budget) for _ in range(3)]
+                try:
+                    report = run_stress(dataclasses.replace(base, budget_bytes=budget, share=name))
+                finally:
+                    for p in idle:
+                        assert p.stdin is not None
+                        p.stdin.close()
+                        p.wait(timeout=60)
+            if not report.ok:
+                raise RuntimeError(
+                    f"share bench: the uneven {label} run failed: {report.error or 'a check failed'}"
+                )
+            samples[label].append(report.operations / report.run_s)
+            evictions[label] = report.run_evictions
+    out: dict[str, Any] = {
+        "budget_bytes": budget,
+        "working_set_bytes": budget // 2,
+        "bo_bytes": bo,
+        "reps": reps,
+    }
+    for label, values in samples.items():
+        out[label] = {
+            "ops_per_s": statistics.median(values),
+            "samples_ops_per_s": values,
+            "run_evictions": evictions[label],
+        }
+    out["shared_vs_split"] = out["shared"]["ops_per_s"] / out["split"]["ops_per_s"]
+    return out
+
+
 def bench_share(
     sizes: list[int], reps: int, warmup: int, seconds: float, contention_reps: int
 ) -> dict[str, Any]:
     return {
         "request": [bench_request(n, reps, warmup) for n in sizes],
         "contention": bench_contention(seconds, contention_reps),
+        "uneven": bench_uneven(seconds, contention_reps),
     }
 
 
 def _member_main(argv: list[str]) -> None:
-    name, count, nbytes = argv[0], int(argv[1]), int(argv[2])
-    with gpubo.Manager(budget=count * nbytes, share=name, store_size=max(64 * MiB, 4 * count * nbytes)) as m:
+    name, count, nbytes, budget = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    with gpubo.Manager(budget=budget, share=name, store_size=max(64 * MiB, 4 * count * nbytes)) as m:
         for _ in range(count):
             m.alloc(nbytes).write(np.ones(16, np.uint8))  # dirty: giving one up copies it out
         print("ready", flush=True)

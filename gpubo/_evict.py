@@ -386,7 +386,7 @@ class Evictor:
                 assert share is not None
                 # Peers with older idle BOs first; anyone, if this manager cannot free enough.
                 older = None if own < want else (math.inf if oldest is None else oldest)
-                if share.ask_peers(want, older):
+                if share.ask_peers(max(want, share.step), older):
                     continue
             if group is None and only is None and not own_pins:
                 policy = _ROOM_FOR_ANYONE
@@ -405,7 +405,7 @@ class Evictor:
                 continue
             if ask and time.monotonic() < deadline:
                 assert share is not None
-                if share.ask_peers(want, None):
+                if share.ask_peers(max(want, share.step), None):
                     continue
             with res.lock:
                 where = (

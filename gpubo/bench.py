@@ -32,8 +32,9 @@ One run measures, with several repetitions and medians:
    kernel (printed as 6b);
 7. ``share``: a device share (:mod:`gpubo._bench_share`): an allocation
    whose room another member process makes on request against one that
-   evicts a BO of its own (p50/p99), and 4 processes on one share against
-   4 processes splitting the budget and one process of 4 threads.
+   evicts a BO of its own (p50/p99); 4 processes on one share against 4
+   processes splitting the budget and one process of 4 threads; and one
+   busy process beside 3 idle ones, on one share against a split budget.
 
 The measuring functions return plain data (JSON-ready dicts), each goal's
 value rebuilt by ``tests/test_bench.py`` from the samples it rests on;
@@ -1791,7 +1792,7 @@ def _share_tables(sh: dict[str, Any] | None) -> list[str]:
     if not sh:
         return []
     fmt = gpubo.format_bytes
-    c = sh["contention"]
+    c, u = sh["contention"], sh["uneven"]
     return [
         "",
         "7. A device share: an allocation whose room another member process makes on request "
@@ -1832,6 +1833,11 @@ def _share_tables(sh: dict[str, Any] | None) -> list[str]:
                 ]
             ],
         ),
+        f"7c. One busy process (a {fmt(u['working_set_bytes'])} working set of the stress workload) beside 3 "
+        f"idle ones that filled the rest, on a {fmt(u['budget_bytes'])} budget (median of {u['reps']}): "
+        f"{_f(u['shared']['ops_per_s'], 0)} operations/s on one share ({u['shared']['run_evictions']} "
+        f"evictions while it ran), {_f(u['split']['ops_per_s'], 0)} with a quarter of the budget each "
+        f"({u['split']['run_evictions']} evictions): {_f(u['shared_vs_split'])}x",
     ]
 
 

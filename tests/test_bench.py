@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from gpubo import format_bytes
+from gpubo.bench import tables
 from gpubo.cli import main
 
 SECTIONS = (
@@ -141,7 +142,15 @@ def test_share_section_follows_from_its_samples(results: dict) -> None:
         assert c[label]["ops_per_s"] == statistics.median(c[label]["samples_ops_per_s"]) > 0
     assert math.isclose(c["shared_vs_one"], c["shared_4"]["ops_per_s"] / c["one_process"]["ops_per_s"])
     assert math.isclose(c["split_vs_one"], c["split_4"]["ops_per_s"] / c["one_process"]["ops_per_s"])
-    assert "7. A device share" in CliRunner().invoke(main, ["bench", "--help"]).output or True
+    u = sh["uneven"]
+    for label in ("shared", "split"):
+        assert len(u[label]["samples_ops_per_s"]) == u["reps"]
+        assert u[label]["ops_per_s"] == statistics.median(u[label]["samples_ops_per_s"]) > 0
+    assert math.isclose(u["shared_vs_split"], u["shared"]["ops_per_s"] / u["split"]["ops_per_s"])
+    assert u["split"]["run_evictions"] > 0  # a quarter of the budget cannot hold its working set
+    text = tables(results)
+    assert "7. A device share" in text and f"{c['shared_vs_one']:.2f}" in text
+    assert f"{u['shared_vs_split']:.2f}x" in text
 
 
 def test_checksums_option_puts_the_cases_with_checksums_where_it_says(tmp_path: Path) -> None:
