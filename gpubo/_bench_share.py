@@ -65,8 +65,17 @@ def _member(name: str, count: int, nbytes: int, budget: int | None = None) -> su
 def bench_request(nbytes: int, reps: int, warmup: int) -> dict[str, Any]:
     """Allocation latency with the room made by another member of a share
     against one made by an eviction of the process's own (see the module
-    docstring); milliseconds."""
+    docstring); milliseconds. For one request per allocation, ``nbytes``
+    must be at least the share's request step (1 MiB while ``reps +
+    warmup`` is at most 64): a smaller BO is asked for a step at a time.
+
+    Raises:
+        ValueError: ``nbytes`` is below the step.
+    """
     count = reps + warmup
+    step = max(MiB, min(count * nbytes // 64, 64 * MiB))
+    if nbytes < step:
+        raise ValueError(f"bench_request: {nbytes} bytes is below the request step {step}")
     budget = count * nbytes
     store_size = max(64 * MiB, 4 * budget)
     name = f"bench-{os.getpid()}-{nbytes}"

@@ -606,8 +606,9 @@ class BenchConfig:
     gemm_n: int = 1024
     gemm_tile: int = 256
     gemm_reps: int = 3
-    share_sizes: list[int] = field(default_factory=lambda: [64 * KiB, MiB])
-    share_reps: int = 100
+    #: At least a share's request step (1 MiB here): each allocation is one request for one BO.
+    share_sizes: list[int] = field(default_factory=lambda: [MiB, 4 * MiB])
+    share_reps: int = 50
     share_seconds: float = 4.0
     share_contention_reps: int = 2
     parent_dir: str | None = None
