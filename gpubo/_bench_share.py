@@ -184,7 +184,7 @@ def bench_uneven(seconds: float, reps: int, budget: int = 16 * MiB) -> dict[str,
         store_size_bytes=8 * budget,
     )
     samples: dict[str, list[float]] = {"shared": [], "split": []}
-    evictions: dict[str, int] = {}
+    evictions: dict[str, list[int]] = {"shared": [], "split": []}
     for rep in range(reps):
         for label in ("shared", "split") if rep % 2 == 0 else ("split", "shared"):
             if label == "split":
@@ -204,7 +204,7 @@ def bench_uneven(seconds: float, reps: int, budget: int = 16 * MiB) -> dict[str,
                     f"share bench: the uneven {label} run failed: {report.error or 'a check failed'}"
                 )
             samples[label].append(report.operations / report.run_s)
-            evictions[label] = report.run_evictions
+            evictions[label].append(report.run_evictions)
     out: dict[str, Any] = {
         "budget_bytes": budget,
         "working_set_bytes": budget // 2,
@@ -215,7 +215,8 @@ def bench_uneven(seconds: float, reps: int, budget: int = 16 * MiB) -> dict[str,
         out[label] = {
             "ops_per_s": statistics.median(values),
             "samples_ops_per_s": values,
-            "run_evictions": evictions[label],
+            "run_evictions": statistics.median(evictions[label]),
+            "samples_run_evictions": evictions[label],
         }
     out["shared_vs_split"] = out["shared"]["ops_per_s"] / out["split"]["ops_per_s"]
     return out

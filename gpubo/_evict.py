@@ -99,9 +99,10 @@ class Policy:
     #: Called with each evicted BO, its lock still held (hibernate syncs
     #: named ones as it goes, so that what is done stays done).
     after_evict: Callable[[BufferObject], None] | None = None
-    #: Skip victims larger than this (a share member giving back no more
-    #: than its ``share_min`` allows).
-    max_victim_bytes: int | None = None
+    #: Skip victims whose eviction would leave fewer charged bytes than this
+    #: (a share member giving back no more than its ``share_min`` allows;
+    #: checked under the resource lock, with the charge of the moment).
+    floor_bytes: int | None = None
 
 
 class Walked(NamedTuple):
@@ -215,6 +216,7 @@ class Evictor:
         ranked: dict[int, list[BufferObject]] = {}
         queue_busy = not policy.may_block and res.launches_in_flight_locked()
         no_purgeable = not res.purgeable_resident or not purge
+        largest = None if policy.floor_bytes is None else res.charged_bytes - policy.floor_bytes
         if policy.clean_first and no_purgeable:
             # Fast paths, in rank order: the first idle clean BO, else (none
             # exists) the first idle dirty one; the full ranking below only
@@ -223,7 +225,7 @@ class Evictor:
                 for bo in lst:
                     if (dirty and bo.entry is not None) or (only is not None and bo.group is not only):
                         continue
-                    if policy.max_victim_bytes is not None and bo.nbytes > policy.max_victim_bytes:
+                    if largest is not None and bo.nbytes > largest:
                         continue
                     if (policy.protect and res.protection_locked(bo.group, policy.for_group) != 0) or (
                         res.busy_locked(bo)
@@ -238,9 +240,7 @@ class Evictor:
                     break  # a clean BO exists but is in use: rank properly below
         protect = policy.protect
         for bo in res.lru:
-            if (only is not None and bo.group is not only) or (
-                policy.max_victim_bytes is not None and bo.nbytes > policy.max_victim_bytes
-            ):
+            if (only is not None and bo.group is not only) or (largest is not None and bo.nbytes > largest):
                 continue
             tier = res.protection_locked(bo.group, policy.for_group) if protect else 0
             if tier is None:
@@ -386,7 +386,7 @@ class Evictor:
                 assert share is not None
                 # Peers with older idle BOs first; anyone, if this manager cannot free enough.
                 older = None if own < want else (math.inf if oldest is None else oldest)
-                if share.ask_peers(max(want, share.step), older):
+                if share.ask_peers(want, older):
                     continue
             if group is None and only is None and not own_pins:
                 policy = _ROOM_FOR_ANYONE
@@ -405,7 +405,7 @@ class Evictor:
                 continue
             if ask and time.monotonic() < deadline:
                 assert share is not None
-                if share.ask_peers(max(want, share.step), None):
+                if share.ask_peers(want, None):
                     continue
             with res.lock:
                 where = (
@@ -435,29 +435,27 @@ class Evictor:
             self.mover.drop_staging()
             self.res.room_lock.release()
 
-    def give_back(self, nbytes: int, floor: int) -> int:
-        """Device bytes freed for a share peer's request: pooled buffers,
-        then victims of a non-blocking walk (try-locks only, busy BOs
-        skipped: the serving side never waits for a lock), one at a time and
-        each no larger than what leaves ``floor`` charged bytes (the
-        member's protection). 0 if another thread is making room here."""
-        freed = self.mover.drain_pool(nbytes)
-        if freed >= nbytes or not self.res.room_lock.acquire(blocking=False):
-            return freed
+    def give_back(self, nbytes: int, floor: int, deadline: float) -> tuple[int, bool]:
+        """Device bytes freed for a share peer's request, and whether it was
+        refused because another thread of this manager is making room (a
+        retry may help). Pooled buffers first, then victims of a
+        non-blocking walk (try-locks only, busy BOs skipped: the serving
+        side never waits for a BO or for ``room_lock``), one at a time, none
+        whose eviction would leave fewer than ``floor`` charged bytes (the
+        member's protection), until ``deadline`` (``time.monotonic()``)."""
+        if not self.res.room_lock.acquire(blocking=False):
+            return 0, True
         try:
-            while freed < nbytes:
-                with self.res.lock:
-                    room = self.res.charged_bytes - floor
-                if room <= 0:
-                    break
-                policy = Policy(may_block=False, clean_first=True, max_victim_bytes=room)
+            freed = self.mover.drain_pool(nbytes)
+            policy = Policy(may_block=False, clean_first=True, floor_bytes=floor)
+            while freed < nbytes and time.monotonic() < deadline:
                 walked = self.walk(policy, functools.partial(_one_victim, nbytes - freed))
                 if not walked.victims:
                     break
                 freed += walked.freed
         finally:
             self.res.room_lock.release()
-        return freed
+        return freed, False
 
     def evict_group_to(self, grp: GroupLike, max_bytes: int) -> None:
         """Evict ``grp``'s BOs until it holds at most ``max_bytes``. Holds ``room_lock``.

@@ -222,9 +222,8 @@ class Manager:
         except BaseException:
             self.close()  # the store, the share, the buffers: nothing stays behind
             raise
-        if self._share is not None:  # serves peers until close(), or until this manager is collected
+        if self._share is not None:  # serves peers until close() (its thread keeps the manager alive)
             self._share.attach(self._res, self._evictor.give_back)
-            weakref.finalize(self, self._share.stop)
         _array.opened(self)  # the default manager of unpickled DeviceArrays, unless one is named
         where = f"{self.store.path} ({format_bytes(self.store.size_bytes)})"
         log.info("gpubo manager on %s: budget %s, store %s", backend.name, format_bytes(self.budget), where)
@@ -634,14 +633,16 @@ class Manager:
             self._prefetcher.shutdown()
         finally:
             with self._res.room_lock:
+                freed = False
                 try:
                     self._mover.free_all(live)
+                    freed = True
                     self._mover.transfer.close()
                 finally:
                     try:
                         self._close_store()
                     finally:
-                        if self._share is not None:
+                        if self._share is not None and freed:
                             self._share.leave()  # its buffers are released: its charge goes
         log.info("gpubo manager closed")
 

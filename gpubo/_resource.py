@@ -104,8 +104,6 @@ class ShareHook(Protocol):
 
     #: The most this process may hold (the share's budget, or ``share_max``).
     cap: int
-    #: The least a request to another member asks for (one request, several victims).
-    step: int
 
     def grow_locked(self, total: int) -> bool:
         """Raise ``Resource.limit`` so that ``total`` charged bytes fit, if

@@ -42,11 +42,13 @@ else, in any process, so the ``flock`` cannot be part of a deadlock.
 
 Why two members asking each other cannot deadlock: an asker holds its own
 ``room_lock`` while it waits for a reply, for at most :data:`ASK_TIMEOUT_S`;
-the serving side (the peer's listener thread) never waits on a lock: it
-only *try*-locks the peer's ``room_lock`` and its BOs (the non-blocking
-eviction walk, :meth:`Evictor.shrink_device` with ``may_block=False``),
-retrying for at most :data:`SERVE_TRY_S`, then answers with what it could
-free. If A and B ask each other at once, both listeners find the other
+the serving side (the peer's listener thread) never waits on a lock that
+an asker can hold while it waits: it only *try*-locks the peer's
+``room_lock`` and its BOs (the non-blocking eviction walk,
+:meth:`Evictor.give_back`), retrying for at most :data:`SERVE_TRY_S`, then
+answers with what it could free. The one lock it waits for is the
+ledger's ``flock`` (to record what it gives back), whose holders wait for
+nothing. If A and B ask each other at once, both listeners find the other
 ``room_lock`` held, answer 0 within :data:`SERVE_TRY_S`, and both askers
 go on (to the next member, their own BOs, or OutOfDeviceMemory). No thread
 waits for another without a bound, so there is no cycle of waits.
@@ -108,6 +110,8 @@ SERVE_TRY_S = 0.5
 TICK_S = 0.1
 #: How long a member waits for the ledger's lock before it gives up with ShareError.
 LOCK_TIMEOUT_S = 10.0
+#: A member that has not published its usage for this long is not asked (it is stopped or stuck).
+STALE_S = 2.0
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _serial = itertools.count(1)
@@ -269,8 +273,8 @@ def process_start(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None  # (PermissionError: hidepid, another user's process: not a member's)
     except OSError:
         return UNKNOWN_START
     try:
@@ -311,6 +315,10 @@ def _command() -> str:
 # -- the ledger ------------------------------------------------------------------------
 
 
+class LockBusy(ShareError):
+    """The ledger's lock stayed held by another process."""
+
+
 class Ledger:
     """The ledger of one share and its lock (see the module docstring).
 
@@ -348,28 +356,28 @@ class Ledger:
                 self._fd = -1
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         """Hold the ledger's lock (this process's threads, then other processes).
 
         Raises:
-            ShareError: another process has held it for :data:`LOCK_TIMEOUT_S`
+            ShareError: another process has held it for ``timeout`` seconds
                 (stopped in a debugger, say: a dead one's lock is released by
-                the kernel), or the ledger's files failed.
+                the kernel; :class:`LockBusy` if so), or the ledger's files failed.
         """
         with self._thread_lock:
             if self._fd < 0:
                 raise ShareError("this process is no longer a member of the share")
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            deadline = time.monotonic() + timeout
             pause = 0.0002
             while True:
                 try:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise ShareError(
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(
                             f"the share's lock {self.directory / 'lock'} has been held by another "
-                            f"process for {LOCK_TIMEOUT_S:g} s (is a member stopped?)"
+                            f"process for {timeout:g} s (is a member stopped?)"
                         ) from None
                     time.sleep(pause)
                     pause = min(2 * pause, 0.001)
@@ -531,7 +539,8 @@ class ShareMember:
 
     Notes:
         ``reserved`` changes only with ``Resource.lock`` and the ledger's
-        lock both held, and ``Resource.limit`` with it; the counters only
+        lock both held, once the ledger is saved; ``Resource.limit`` under
+        ``Resource.lock``, never above ``reserved``; the counters only
         on the listener thread (``served``, ``given``) or under
         ``Resource.lock`` (``sent``).
     """
@@ -560,12 +569,12 @@ class ShareMember:
         self._asking = 0  # this member's threads now waiting for a peer's answer
         self._pid = os.getpid()
         start = process_start(self._pid)
-        if start is None:
+        if start is None or start == UNKNOWN_START:
             raise ShareError("a device share needs /proc to tell live members from dead ones (Linux)")
         self._start = start
         self._command = _command()
         self._res: Any = None
-        self._serve: Callable[[int, int], int] | None = None
+        self._serve: Callable[[int, int, float], tuple[int, bool]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ledger = Ledger(self.directory)
@@ -585,6 +594,8 @@ class ShareMember:
         child's calls that need the share raise ShareError."""
         self._stop.set()
         self._thread = None
+        if self._res is not None:
+            self._res.limit = 0  # the parent's reservation is not the child's (its lock is a fresh copy's)
         self.ledger.forget_after_fork()
         sock = getattr(self, "_sock", None)
         if sock is not None:
@@ -599,6 +610,13 @@ class ShareMember:
         self._sock.listen(16)
         with self.ledger.locked():
             state = self.ledger.load()
+            if state is not None and state.get("pidns", 0) != _pid_namespace():
+                # Checked before any reaping: its members' pids mean nothing here.
+                raise ValueError(
+                    f"share {self.name!r} belongs to processes of another pid namespace (another "
+                    f"container): members must see each other's processes (or remove {self.directory} "
+                    "when none of them runs)"
+                )
             if state is not None:
                 _reap(state, self.directory, None)
                 if not state["members"]:
@@ -619,11 +637,6 @@ class ShareMember:
                         f"budget {format_bytes(budget)} ({budget} bytes) differs from share "
                         f"{self.name!r}'s budget {format_bytes(state['budget'])} ({state['budget']} bytes); "
                         "omit budget to join with the share's"
-                    )
-                if state.get("pidns", 0) != _pid_namespace():
-                    raise ValueError(
-                        f"share {self.name!r} belongs to processes of another pid namespace (another "
-                        "container): members must see each other's processes"
                     )
                 if self.device != state["device"]:
                     raise ValueError(
@@ -647,10 +660,11 @@ class ShareMember:
         log.info("joined share %s as %s (budget %s)", self.name, self.id, format_bytes(state["budget"]))
         return int(state["budget"])
 
-    def attach(self, resource: Any, serve: Callable[[int, int], int]) -> None:
+    def attach(self, resource: Any, serve: Callable[[int, int, float], tuple[int, bool]]) -> None:
         """Wire the manager's resource and its non-blocking eviction
-        (``serve(nbytes, floor)``: device bytes freed, never leaving fewer
-        than ``floor`` charged), then start the listener."""
+        (``serve(nbytes, floor, deadline)``: device bytes freed, never
+        leaving fewer than ``floor`` charged, and whether another thread
+        was making room), then start the listener."""
         self._res = resource
         self._serve = serve
         self._thread = threading.Thread(target=self._listen, name=f"gpubo-share-{self.id}", daemon=True)
@@ -697,7 +711,11 @@ class ShareMember:
         }
 
     def _transact(
-        self, change: Callable[[dict[str, Any]], int | None], usage: dict[str, Any], publish: bool = False
+        self,
+        change: Callable[[dict[str, Any]], int | None],
+        usage: dict[str, Any],
+        publish: bool = False,
+        timeout: float = LOCK_TIMEOUT_S,
     ) -> int | None:
         """Load the ledger, drop dead members, ask ``change`` for this
         member's new reservation (None: unchanged), and if there is one (or
@@ -715,7 +733,7 @@ class ShareMember:
             raise ShareError(
                 "a forked child is not a member of its parent's share (open a Manager of its own)"
             )
-        with self.ledger.locked():
+        with self.ledger.locked(timeout):
             state = self.ledger.load()
             if state is None or self.id not in state["members"]:
                 raise ShareError(
@@ -798,6 +816,9 @@ class ShareMember:
     def _ask_round(
         self, peers: list[tuple[str, dict[str, Any]]], nbytes: int, older_than: float | None
     ) -> int:
+        now = time.time()
+        # A member that has not published for a while is stopped or stuck: asking it only waits.
+        peers = [p for p in peers if now - p[1].get("updated", 0.0) < STALE_S]
         spare = sorted(
             (p for p in peers if p[1]["reserved"] > p[1]["charged"]),
             key=lambda p: p[1]["charged"] - p[1]["reserved"],
@@ -833,10 +854,13 @@ class ShareMember:
         return 0
 
     def _ask(self, key: str, nbytes: int, below_low: bool) -> int:
+        """One request: ``nbytes`` needed, at least a step asked for (several
+        victims per request); what the member gave."""
         with self._res.lock:
             self.sent += 1
         path = os.fspath(self.directory / f"{key}.sock")
-        request = json.dumps({"give": nbytes, "below_low": below_low, "from": self.id}).encode() + b"\n"
+        message = {"need": nbytes, "give": max(nbytes, self.step), "below_low": below_low, "from": self.id}
+        request = json.dumps(message).encode() + b"\n"
         try:
             deadline = time.monotonic() + ASK_TIMEOUT_S  # for the whole exchange
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -894,44 +918,46 @@ class ShareMember:
                 self._tick()
 
     def _answer(self, conn: socket.socket) -> None:
+        received = time.monotonic()
         try:
             conn.settimeout(ASK_TIMEOUT_S)
-            request = json.loads(_read_line(conn, time.monotonic() + ASK_TIMEOUT_S))
-            nbytes, below_low = request["give"], bool(request.get("below_low", False))
-            if type(nbytes) is not int or nbytes <= 0:
+            request = json.loads(_read_line(conn, received + ASK_TIMEOUT_S))
+            nbytes, need = request["give"], request.get("need", request["give"])
+            below_low = bool(request.get("below_low", False))
+            if type(nbytes) is not int or type(need) is not int or not 0 < need <= nbytes:
                 raise ValueError(f"bad request {request!r}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.info("share %s: ignored a malformed request: %s", self.name, e)
             return
         try:
-            given = self.serve(nbytes, below_low)
+            # The asker stops waiting ASK_TIMEOUT_S after it sent: evicting longer would be for no one.
+            given = self.serve(nbytes, need, below_low, received + ASK_TIMEOUT_S / 2)
         except Exception as e:  # a failed eviction: this member keeps its BOs
             log.warning("share %s: serving a request for %d bytes failed: %s", self.name, nbytes, e)
             given = 0
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"given": given}).encode() + b"\n")
 
-    def serve(self, nbytes: int, below_low: bool) -> int:
-        """Give back up to ``nbytes`` (spare reservation first, then by the
-        non-blocking eviction walk, never below ``min``, nor below ``low``
-        unless ``below_low``); reservation bytes given."""
+    def serve(self, nbytes: int, need: int, below_low: bool, deadline: float) -> int:
+        """Give back reservation for a peer that needs ``need`` bytes and
+        asks for up to ``nbytes``: spare reservation first (when it covers
+        ``need``, nothing is evicted), else by the non-blocking eviction
+        walk up to ``nbytes``, never below ``min``, nor below ``low`` unless
+        ``below_low``, evicting until ``deadline``; reservation bytes given."""
         res = self._res
         floor = self.min_bytes if below_low else max(self.min_bytes, self.low_bytes)
         assert self._serve is not None
-        deadline = time.monotonic() + SERVE_TRY_S
+        retry_until = min(deadline, time.monotonic() + SERVE_TRY_S)
         while True:
             with res.lock:
                 spare = self.reserved - res.charged_bytes
-                evict = min(nbytes - spare, res.charged_bytes - floor)
+                evict = 0 if spare >= need else min(nbytes - spare, res.charged_bytes - floor)
             if evict <= 0:
                 break
-            freed = self._serve(evict, floor)
-            if freed or self._asking or time.monotonic() >= deadline:
+            freed, busy = self._serve(evict, floor, deadline)
+            if freed or not busy or self._asking or time.monotonic() >= retry_until:
                 break  # (a thread of this member that is asking holds its room_lock: do not wait for it)
-            with res.lock:
-                if res.counters.resident_bytes <= res.pinned_bytes and not res.pool.pooled_bytes:
-                    break  # nothing left that could be evicted
-            time.sleep(0.002)  # its room_lock or its BOs are busy: try again, briefly
+            time.sleep(0.002)  # another thread here is making room: try again, briefly
         with res.lock:
             given = self._release_locked(0)
         self.served += 1
@@ -945,8 +971,10 @@ class ShareMember:
             with self._res.lock:
                 if self.reserved - self._res.charged_bytes > self.step:
                     self._release_locked(self.step)
-                else:
-                    self._transact(lambda state: None, self._usage_locked(), publish=True)
+                else:  # not waiting for the lock (with the resource lock held): the next tick will do
+                    self._transact(lambda state: None, self._usage_locked(), publish=True, timeout=0)
+        except LockBusy:
+            pass
         except ShareError as e:
             log.warning("share %s: %s", self.name, e)
 

@@ -1836,9 +1836,9 @@ def _share_tables(sh: dict[str, Any] | None) -> list[str]:
         ),
         f"7c. One busy process (a {fmt(u['working_set_bytes'])} working set of the stress workload) beside 3 "
         f"idle ones that filled the rest, on a {fmt(u['budget_bytes'])} budget (median of {u['reps']}): "
-        f"{_f(u['shared']['ops_per_s'], 0)} operations/s on one share ({u['shared']['run_evictions']} "
+        f"{_f(u['shared']['ops_per_s'], 0)} operations/s on one share ({u['shared']['run_evictions']:g} "
         f"evictions while it ran), {_f(u['split']['ops_per_s'], 0)} with a quarter of the budget each "
-        f"({u['split']['run_evictions']} evictions): {_f(u['shared_vs_split'])}x",
+        f"({u['split']['run_evictions']:g} evictions): {_f(u['shared_vs_split'])}x",
     ]
 
 

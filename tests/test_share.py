@@ -462,6 +462,11 @@ def test_a_forked_child_is_not_a_member(share_dir: Path) -> None:
         "        m.share_stats()\n"
         "        os._exit(1)\n"
         "    except gpubo.ShareError:\n"
+        "        pass\n"
+        "    try:\n"
+        "        m.alloc(1 << 20)  # nothing of the parent's reservation is the child's\n"
+        "        os._exit(2)\n"
+        "    except gpubo.ShareError:\n"
         "        os._exit(0)\n"
         "_, status = os.waitpid(pid, 0)\n"
         "assert os.waitstatus_to_exitcode(status) == 0, status\n"
@@ -474,3 +479,22 @@ def test_a_forked_child_is_not_a_member(share_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "parent ok 3" in out.stdout, out.stdout  # lock, ledger, its socket
+
+
+def test_a_share_of_another_pid_namespace_is_refused_untouched(
+    share_dir: Path, make_mgr: Callable[..., gpubo.Manager]
+) -> None:
+    """Its members' pids mean nothing here: the joiner is refused before it
+    could take them for dead, and the ledger stays as it was."""
+    directory = share_dir / "ns"
+    share_dir.mkdir(mode=0o700)
+    directory.mkdir(mode=0o700)
+    ledger = directory / "ledger.json"
+    member = {"pid": 999999, "start": 1, "reserved": 4 * MiB, "charged": 4 * MiB, "min": 0, "low": 0}
+    state = {"format": "gpubo-share", "version": 1, "budget": 8 * MiB, "device": "", "pidns": 1}
+    ledger.write_text(json.dumps({**state, "members": {"999999-1": member}}))
+    ledger.chmod(0o600)
+    before = ledger.read_bytes()
+    with pytest.raises(ValueError, match="pid namespace"):
+        make_mgr(budget=None, share="ns")
+    assert ledger.read_bytes() == before
