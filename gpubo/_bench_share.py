@@ -237,7 +237,8 @@ def _member_main(argv: list[str]) -> None:
     with gpubo.Manager(budget=budget, share=name, store_size=max(64 * MiB, 4 * count * nbytes)) as m:
         for _ in range(count):
             m.alloc(nbytes).write(np.ones(16, np.uint8))  # dirty: giving one up copies it out
-        print("ready", flush=True)
+        sys.stdout.write("ready\n")  # the protocol of this entry point with its parent, not a log
+        sys.stdout.flush()
         sys.stdin.read()
 
 
