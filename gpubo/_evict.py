@@ -377,8 +377,9 @@ class Evictor:
                 drain = want if only is None and res.pool.pooled_bytes else 0
                 # A share's peers can help only while this manager is below its cap.
                 ask = share is not None and only is None and res.charged_bytes + nbytes <= res.cap
-                oldest = res.oldest_idle_locked()
-                own = res.counters.resident_bytes - res.pinned_bytes  # what evicting here could free
+                if ask:
+                    oldest = res.oldest_idle_locked()
+                    own = res.counters.resident_bytes - res.pinned_bytes  # what evicting here could free
             if drain:  # the pool goes before anyone is evicted
                 self.mover.drain_pool(drain)
                 continue

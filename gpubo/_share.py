@@ -770,7 +770,7 @@ class ShareMember:
         self.reserved = self._res.limit = grown
         return True
 
-    def _release_locked(self, keep: int) -> int:
+    def _release_locked(self, keep: int, timeout: float = LOCK_TIMEOUT_S) -> int:
         """Give back reservation beyond the charge plus ``keep`` spare bytes; bytes given."""
         res = self._res
         target = min(self.reserved, int(res.charged_bytes) + keep)
@@ -780,7 +780,7 @@ class ShareMember:
         # Lowered here first: from now on nothing is charged above the target,
         # whether or not the ledger's write succeeds (then it records more).
         res.limit = target
-        self._transact(lambda state: target, self._usage_locked())
+        self._transact(lambda state: target, self._usage_locked(), timeout=timeout)
         self.reserved = target
         return release
 
@@ -970,7 +970,7 @@ class ShareMember:
         try:
             with self._res.lock:
                 if self.reserved - self._res.charged_bytes > self.step:
-                    self._release_locked(self.step)
+                    self._release_locked(self.step, timeout=0)
                 else:  # not waiting for the lock (with the resource lock held): the next tick will do
                     self._transact(lambda state: None, self._usage_locked(), publish=True, timeout=0)
         except LockBusy:
