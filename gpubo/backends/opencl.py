@@ -5,12 +5,23 @@ that setting a kernel's arguments and enqueueing it must not interleave with
 another thread doing the same on the same kernel object; :meth:`launch`
 serialises that pair with ``_launch_lock``. pyopencl releases the GIL in
 blocking calls, so copies from several threads overlap.
+
+Notes on waits: a copy's caller waits in :meth:`OpenCLBackend._await`,
+which flushes the queues and spins on the events' status for up to
+``SPIN_S`` before it blocks in ``clWaitForEvents``. On PoCL a blocking wait
+puts the host thread to sleep and its wake-up costs more than a small copy
+(4 KiB: 78 us blocking against 44 us spinning; the map of a 1 MiB buffer:
+98 us against 31 us; p50 of 450 each by ``benchmarks/wait_latency.py``), and
+that round trip is most of the fixed cost of an eviction and a restore. The
+spin holds the GIL and one core, so it is short: a longer copy pays the
+blocking wait after it, once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +49,12 @@ _OOM_CODES = frozenset(
 )
 _POCL_PLATFORM = "Portable Computing Language"
 _ZERO_BYTE = np.zeros(1, np.uint8)
+_COMPLETE = int(cl.command_execution_status.COMPLETE)
+#: How long a wait spins on its events' status before it blocks (seconds):
+#: longer than a round trip of a small copy on PoCL (30 to 80 us), short
+#: enough that a thread waiting for the GIL (the hashing worker's result)
+#: is not held back by much.
+SPIN_S = 250e-6
 #: What an allocation that need not be zeroed fills, to force the allocation.
 _TOUCH_BYTES = 4096
 _CONST = int(cl.kernel_arg_type_qualifier.CONST)
@@ -540,11 +557,12 @@ class OpenCLBackend:
         """
         try:
             if kernel_queue:
-                cl.enqueue_fill_buffer(self.queue, buf, _ZERO_BYTE, 0, nbytes).wait()
+                self._await([cl.enqueue_fill_buffer(self.queue, buf, _ZERO_BYTE, 0, nbytes)])
             else:
-                cl.enqueue_fill_buffer(
+                fill = cl.enqueue_fill_buffer(
                     self.transfer_queue, buf, _ZERO_BYTE, 0, nbytes, wait_for=self._after_unmap(buf)
-                ).wait()
+                )
+                self._await([fill])
         except cl.Error as e:
             raise _translate(e, "zero-filling a buffer", nbytes) from e
 
@@ -563,7 +581,7 @@ class OpenCLBackend:
     ) -> Iterator[memoryview]:
         transfer = queue is self.transfer_queue
         try:
-            arr, _ = cl.enqueue_map_buffer(
+            arr, mapped = cl.enqueue_map_buffer(
                 queue,
                 buf,
                 flags,
@@ -571,9 +589,17 @@ class OpenCLBackend:
                 (nbytes,),
                 np.dtype(np.uint8),
                 wait_for=self._after_unmap(buf) if transfer else None,
-                is_blocking=True,
+                is_blocking=False,
             )
         except cl.Error as e:
+            raise _translate(e, "mapping a buffer", nbytes) from e
+        try:
+            self._await([mapped])
+        except cl.Error as e:
+            try:
+                arr.base.release(queue)
+            except cl.Error as again:
+                log.debug("unmapping a buffer whose map failed: %s", again)
             raise _translate(e, "mapping a buffer", nbytes) from e
         try:
             yield memoryview(arr)
@@ -581,7 +607,7 @@ class OpenCLBackend:
             try:
                 unmap = arr.base.release(queue)
                 if transfer:
-                    unmap.wait()  # the restored buffer goes on to ``queue``
+                    self._await([unmap])  # the restored buffer goes on to ``queue``
                 else:
                     with self._unmaps_lock:
                         self._unmaps[buf.int_ptr] = unmap
@@ -793,7 +819,7 @@ class OpenCLBackend:
     def download(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> None:
         """Copy ``out.nbytes`` bytes from ``buf`` at byte ``offset`` into ``out``."""
         try:
-            cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=True)
+            self._await([cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=False)])
         except cl.Error as e:
             raise _translate(e, "reading a buffer", out.nbytes) from e
 
@@ -802,16 +828,17 @@ class OpenCLBackend:
         ``buf`` is one nothing else uses yet (the copy goes on ``transfer_queue``)."""
         try:
             if fresh:
-                cl.enqueue_copy(
+                copy = cl.enqueue_copy(
                     self.transfer_queue,
                     buf,
                     data,
                     dst_offset=offset,
                     wait_for=self._after_unmap(buf),
-                    is_blocking=True,
+                    is_blocking=False,
                 )
             else:
-                cl.enqueue_copy(self.queue, buf, data, dst_offset=offset, is_blocking=True)
+                copy = cl.enqueue_copy(self.queue, buf, data, dst_offset=offset, is_blocking=False)
+            self._await([copy])
         except cl.Error as e:
             raise _translate(e, "writing a buffer", data.nbytes) from e
 
@@ -832,8 +859,7 @@ class OpenCLBackend:
         except cl.Error as e:
             raise _translate(e, "writing a buffer", data.nbytes) from e
 
-    @staticmethod
-    def wait(events: Sequence[cl.Event]) -> None:
+    def wait(self, events: Sequence[cl.Event]) -> None:
         """Block until every event completed.
 
         Raises:
@@ -842,9 +868,32 @@ class OpenCLBackend:
         if not events:
             return
         try:
-            cl.wait_for_events(list(events))
+            self._await(events)
         except cl.Error as e:
             raise DeviceError(f"waiting for a kernel that used the buffer failed: {e}") from e
+
+    def _await(self, events: Sequence[cl.Event]) -> None:
+        """Wait until every event completed: flush both queues, spin on the
+        events' status for up to ``SPIN_S``, then block (see the module
+        docstring for why).
+
+        Raises:
+            cl.Error: a command failed, or the wait did.
+        """
+        self.queue.flush()
+        self.transfer_queue.flush()
+        deadline = time.perf_counter() + SPIN_S
+        pending = list(events)
+        while pending:
+            status = pending[-1].command_execution_status
+            if status == _COMPLETE:
+                pending.pop()
+            elif status < _COMPLETE or time.perf_counter() > deadline:
+                # A failed command (its status is an error code) or a long
+                # one: clWaitForEvents reports the first, sleeps through the
+                # second.
+                cl.wait_for_events(pending)
+                return
 
     @staticmethod
     def is_complete(event: cl.Event) -> bool:
