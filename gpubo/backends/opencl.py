@@ -10,9 +10,8 @@ Notes on waits: a copy's caller waits in :meth:`OpenCLBackend._await`,
 which flushes the queues and spins on the events' status for up to
 ``SPIN_S`` before it blocks in ``clWaitForEvents``. On PoCL a blocking wait
 puts the host thread to sleep and its wake-up costs more than a small copy
-(4 KiB: 78 us blocking against 44 us spinning; the map of a 1 MiB buffer:
-98 us against 31 us; p50 of 450 each by ``benchmarks/wait_latency.py``), and
-that round trip is most of the fixed cost of an eviction and a restore. The
+(``benchmarks/wait_latency.py`` measures both; figures in BENCHMARKS.md),
+and that round trip is most of the fixed cost of an eviction and a restore. The
 spin holds the GIL and one core, so it is short: a longer copy pays the
 blocking wait after it, once.
 """
