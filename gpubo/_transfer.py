@@ -205,9 +205,9 @@ def upload_lent(
                     store.check_lent(entry, index, segments, label, verify=verify)
         except BaseException:
             with contextlib.suppress(GpuboError):
-                backend.wait(events)  # the views must outlive every copy from them
+                backend.wait_copies(events)  # the views must outlive every copy from them
             raise
-        backend.wait(events)  # a failed copy shows here
+        backend.wait_copies(events)  # a failed copy shows here
         return [chunks is not None for chunks in lent]
 
 
@@ -403,7 +403,7 @@ class _Stream:
         errors are not the one to report)."""
         events, self.events = list(self.events.values()), {}
         with contextlib.suppress(GpuboError):
-            self.bounce.backend.wait(events)
+            self.bounce.backend.wait_copies(events)
 
     def finish(self) -> None:
         """Wait for every copy still in flight (a failed one raised where it was used)."""
@@ -423,13 +423,13 @@ class _Downloads(_Stream):
         if r < self.current:  # the store starts again (a retried write)
             self.finish()
         for old in [q for q in self.events if q < r]:
-            self.bounce.backend.wait([self.events.pop(old)])
+            self.bounce.backend.wait_copies([self.events.pop(old)])
         self.current = r
         for q in range(r, min(r + self.bounce.count, self.ranges)):
             if q not in self.events:
                 out = self._array(q)[: self._range_bytes(q)]
                 self.events[q] = self.bounce.backend.download_nowait(self.buf, out, q * self.bounce.size)
-        self.bounce.backend.wait([self.events[r]])
+        self.bounce.backend.wait_copies([self.events[r]])
         return self._view(index)
 
     def filled(self, index: int) -> None:
@@ -445,7 +445,7 @@ class _Uploads(_Stream):
         r = index // self.per
         reuse = r - self.bounce.count  # the range that used this buffer before
         if reuse in self.events:
-            self.bounce.backend.wait([self.events.pop(reuse)])
+            self.bounce.backend.wait_copies([self.events.pop(reuse)])
         return self._view(index)
 
     def filled(self, index: int) -> None:
@@ -457,7 +457,7 @@ class _Uploads(_Stream):
 
     def finish(self) -> None:
         events, self.events = list(self.events.values()), {}
-        self.bounce.backend.wait(events)  # a failed upload shows here
+        self.bounce.backend.wait_copies(events)  # a failed upload shows here
 
 
 #: The strategies by name; ``auto`` picks ``map`` where the device's memory is

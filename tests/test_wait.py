@@ -1,7 +1,8 @@
-"""The backend's wait (``OpenCLBackend._await``: flush, spin on the events'
-status for up to ``SPIN_S``, then block), on the real PoCL device: every
-copy and kernel it returns from is complete, also past the spin bound, and
-``benchmarks/wait_latency.py`` reports what it measured."""
+"""The backend's waits on the real PoCL device: ``wait_copies`` (and every
+blocking copy: ``OpenCLBackend._await``, which flushes, spins on the
+events' status for up to ``SPIN_S``, then blocks) and ``wait`` (blocks at
+once). Every copy and kernel they return from is complete, also past the
+spin bound, and ``benchmarks/wait_latency.py`` reports what it measured."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyopencl as cl
+import pytest
 from conftest import SLOW_SRC
 
 from gpubo.backends.opencl import SPIN_S, OpenCLBackend
@@ -22,7 +24,8 @@ from gpubo.backends.opencl import SPIN_S, OpenCLBackend
 MiB = 1 << 20
 
 
-def test_a_kernel_longer_than_the_spin_is_complete_when_wait_returns() -> None:
+@pytest.mark.parametrize("how", ["wait", "wait_copies"])
+def test_a_kernel_longer_than_the_spin_is_complete_when_wait_returns(how: str) -> None:
     backend = OpenCLBackend()
     kernel = cl.Kernel(cl.Program(backend.context, SLOW_SRC).build(), "slow")
     items, iters = 1024, 1 << 14
@@ -30,7 +33,7 @@ def test_a_kernel_longer_than_the_spin_is_complete_when_wait_returns() -> None:
     backend.finish()
     start = time.perf_counter()
     event = backend.launch(kernel, (items,), None, [buf, np.uint32(iters)], None)
-    backend.wait([event])
+    getattr(backend, how)([event])
     took = time.perf_counter() - start
     assert event.command_execution_status == cl.command_execution_status.COMPLETE
     assert took > SPIN_S, f"the kernel took {took * 1e6:.0f} us: lengthen it, it must outlast the spin"

@@ -13,7 +13,9 @@ puts the host thread to sleep and its wake-up costs more than a small copy
 (``benchmarks/wait_latency.py`` measures both; figures in BENCHMARKS.md),
 and that round trip is most of the fixed cost of an eviction and a restore. The
 spin holds the GIL and one core, so it is short: a longer copy pays the
-blocking wait after it, once.
+blocking wait after it, once. Waits for kernels (:meth:`OpenCLBackend.wait`)
+do not spin: a kernel's length is unknown, and on a CPU device a spinning
+host thread takes a core from it.
 """
 
 from __future__ import annotations
@@ -858,8 +860,10 @@ class OpenCLBackend:
         except cl.Error as e:
             raise _translate(e, "writing a buffer", data.nbytes) from e
 
-    def wait(self, events: Sequence[cl.Event]) -> None:
-        """Block until every event completed.
+    @staticmethod
+    def wait(events: Sequence[cl.Event]) -> None:
+        """Block until every event completed (kernels, mostly: this wait
+        sleeps at once, leaving the cores to them).
 
         Raises:
             DeviceError: a command failed (the event's status is an error).
@@ -867,9 +871,24 @@ class OpenCLBackend:
         if not events:
             return
         try:
-            self._await(events)
+            cl.wait_for_events(list(events))
         except cl.Error as e:
             raise DeviceError(f"waiting for a kernel that used the buffer failed: {e}") from e
+
+    def wait_copies(self, events: Sequence[cl.Event]) -> None:
+        """Wait until every copy of ``events`` completed: spins for up to
+        ``SPIN_S`` first (see the module docstring), for copies, whose
+        length the caller knows is short; a kernel waits in :meth:`wait`.
+
+        Raises:
+            DeviceError: a copy failed (the event's status is an error).
+        """
+        if not events:
+            return
+        try:
+            self._await(events)
+        except cl.Error as e:
+            raise DeviceError(f"waiting for a copy failed: {e}") from e
 
     def _await(self, events: Sequence[cl.Event]) -> None:
         """Wait until every event completed: flush both queues, spin on the
