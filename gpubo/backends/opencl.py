@@ -558,12 +558,12 @@ class OpenCLBackend:
         """
         try:
             if kernel_queue:
-                self._await([cl.enqueue_fill_buffer(self.queue, buf, _ZERO_BYTE, 0, nbytes)])
+                self._await([cl.enqueue_fill_buffer(self.queue, buf, _ZERO_BYTE, 0, nbytes)], self.queue)
             else:
                 fill = cl.enqueue_fill_buffer(
                     self.transfer_queue, buf, _ZERO_BYTE, 0, nbytes, wait_for=self._after_unmap(buf)
                 )
-                self._await([fill])
+                self._await([fill], self.transfer_queue)
         except cl.Error as e:
             raise _translate(e, "zero-filling a buffer", nbytes) from e
 
@@ -595,7 +595,7 @@ class OpenCLBackend:
         except cl.Error as e:
             raise _translate(e, "mapping a buffer", nbytes) from e
         try:
-            self._await([mapped])
+            self._await([mapped], queue)
         except cl.Error as e:
             try:
                 arr.base.release(queue)
@@ -608,7 +608,7 @@ class OpenCLBackend:
             try:
                 unmap = arr.base.release(queue)
                 if transfer:
-                    self._await([unmap])  # the restored buffer goes on to ``queue``
+                    self._await([unmap], queue)  # the restored buffer goes on to ``queue``
                 else:
                     with self._unmaps_lock:
                         self._unmaps[buf.int_ptr] = unmap
@@ -820,7 +820,8 @@ class OpenCLBackend:
     def download(self, buf: cl.Buffer, out: np.ndarray, offset: int) -> None:
         """Copy ``out.nbytes`` bytes from ``buf`` at byte ``offset`` into ``out``."""
         try:
-            self._await([cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=False)])
+            copy = cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=False)
+            self._await([copy], self.queue)
         except cl.Error as e:
             raise _translate(e, "reading a buffer", out.nbytes) from e
 
@@ -828,6 +829,7 @@ class OpenCLBackend:
         """Copy the bytes of ``data`` into ``buf`` at byte ``offset``; ``fresh``:
         ``buf`` is one nothing else uses yet (the copy goes on ``transfer_queue``)."""
         try:
+            queue = self.transfer_queue if fresh else self.queue
             if fresh:
                 copy = cl.enqueue_copy(
                     self.transfer_queue,
@@ -839,7 +841,7 @@ class OpenCLBackend:
                 )
             else:
                 copy = cl.enqueue_copy(self.queue, buf, data, dst_offset=offset, is_blocking=False)
-            self._await([copy])
+            self._await([copy], queue)
         except cl.Error as e:
             raise _translate(e, "writing a buffer", data.nbytes) from e
 
@@ -890,16 +892,19 @@ class OpenCLBackend:
         except cl.Error as e:
             raise DeviceError(f"waiting for a copy failed: {e}") from e
 
-    def _await(self, events: Sequence[cl.Event]) -> None:
-        """Wait until every event completed: flush both queues, spin on the
-        events' status for up to ``SPIN_S``, then block (see the module
-        docstring for why).
+    def _await(self, events: Sequence[cl.Event], queue: cl.CommandQueue | None = None) -> None:
+        """Wait until every event completed: flush ``queue`` (the one the
+        events are on; None: either queue), spin on the events' status for
+        up to ``SPIN_S``, then block (see the module docstring for why).
 
         Raises:
             cl.Error: a command failed, or the wait did.
         """
-        self.queue.flush()
-        self.transfer_queue.flush()
+        if queue is None:
+            self.queue.flush()
+            self.transfer_queue.flush()
+        else:
+            queue.flush()
         deadline = time.perf_counter() + SPIN_S
         pending = list(events)
         while pending:
