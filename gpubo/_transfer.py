@@ -8,9 +8,10 @@ store copies from that mapping into its memory-mapped storage; restore
 copies from zero-copy views of the store's storage into the device buffer
 (one copy command per stored chunk, each chunk hashed while the device
 copies it, so verification costs no time of its own where the copy runs on
-another core), or, for an entry with zero pages (or one the store cannot
-lend), maps the device buffer for writing (its old content discarded) and
-the store copies into it, verifying as it goes (with host checksums; device
+another core), or, for an entry with zero pages (or one the store does not
+lend: the slot file reads its largest entries with ``preadv``), maps the
+device buffer for writing (its old content discarded) and the store copies
+into it, verifying as it goes (with host checksums; device
 checksums are verified after the last copy, below). No host array the size
 of the buffer is ever allocated here.
 

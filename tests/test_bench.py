@@ -430,3 +430,46 @@ def test_the_inline_setting_of_hash_overlap_is_undone() -> None:
         assert store_base.PARALLEL_HASH_MIN_BYTES > 1 << 40 and transfer.OVERLAP_MIN_BYTES > 1 << 40
         raise RuntimeError("a failed timing")
     assert before == (store_base.PARALLEL_HASH_MIN_BYTES, transfer.OVERLAP_MIN_BYTES)
+
+
+def test_evict_steps_quick_runs_and_its_sums_and_ratios_follow_from_its_samples() -> None:
+    """``benchmarks/evict_steps.py`` at 64 KiB (lent) and, with a lending
+    limit of 64 KiB, at 64 KiB again (not lent by the slot file): every case
+    ran, each p50 is its samples' median, each sum and ratio follows from
+    the p50s, and the slot file lends exactly the entries below the limit."""
+    root = Path(__file__).resolve().parent.parent
+    for lend_max, slot_lent in ((None, True), (64 << 10, False)):
+        extra = [] if lend_max is None else ["--lend-max", str(lend_max)]
+        done = subprocess.run(
+            [sys.executable, str(root / "benchmarks" / "evict_steps.py"),
+             "--reps", "3", "--warmup", "0", "--sizes", "65536", "--json", *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        out = json.loads(done.stdout)
+        assert set(out["cases"]) == {
+            f"65536 {b} checksums {c}" for b in ("lmdb", "slotfile") for c in ("off", "on")
+        }
+        for label, row in out["cases"].items():
+            lent = "lmdb" in label or slot_lent
+            assert row["lent"] is lent, label
+            p50 = {}
+            for step, case in row.items():
+                if isinstance(case, dict) and "samples_s" in case:
+                    assert len(case["samples_s"]) == 3 and min(case["samples_s"]) > 0
+                    assert math.isclose(case["p50_us"], statistics.median(case["samples_s"]) * 1e6)
+                    p50[step] = case["p50_us"]
+            evict = sum(p50[s] for s in ("map", "zero scan", "store write", "unmap"))
+            assert math.isclose(row["eviction sum"]["p50_us"], evict)
+            limit = max(p50["raw D2H"], p50["pwrite"])
+            assert math.isclose(row["limit / eviction"]["p50_ratio"], limit / evict)
+            assert math.isclose(row["raw H2D / read_into"]["p50_ratio"], p50["raw H2D"] / p50["read_into"])
+            assert ("upload_lent" in p50) is lent and ("restore sum" in row) is lent
+            if lent:
+                restore = sum(p50[s] for s in ("lend", "verify", "H2D copy"))
+                assert math.isclose(row["restore sum"]["p50_us"], restore)
+                want = p50["raw H2D"] / p50["upload_lent"]
+                assert math.isclose(row["raw H2D / upload_lent"]["p50_ratio"], want)

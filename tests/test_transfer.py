@@ -199,3 +199,86 @@ def test_a_bounce_eviction_stores_no_zero_page(make_mgr: MakeMgr) -> None:
     bo.evict()
     assert bo.entry is not None and bo.entry.stored_bytes == 4096
     assert np.array_equal(bo.read(), data)
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_slot_file_bo_too_large_to_lend_is_read_back_exactly(make_mgr: MakeMgr, checksums: bool) -> None:
+    """A slot-file entry of at least LEND_MAX_BYTES is not lent: its restore
+    maps the device buffer for writing and the store reads into it with
+    preadv; one just below the limit is copied from the lent mapping."""
+    from gpubo.store.slotfile import LEND_MAX_BYTES
+
+    m = make_mgr(
+        budget=2 * LEND_MAX_BYTES + 8 * MiB,
+        store_size=2 * LEND_MAX_BYTES + 64 * MiB,
+        store_backend="slotfile",
+        checksums=checksums,
+        transfer="map",
+    )
+    calls = Calls(m)
+    for n, read in [(LEND_MAX_BYTES + 4097, True), (LEND_MAX_BYTES - 4096, False)]:
+        data = pattern(n, n % 251)
+        bo = m.alloc(n)
+        bo.write(data)
+        bo.evict()
+        before = calls.counts.get("map_write", 0)
+        bo.restore()
+        assert calls.counts.get("map_write", 0) - before == (1 if read else 0)
+        assert np.array_equal(bo.read(), data)
+        bo.free()
+
+
+def test_a_flipped_byte_is_caught_on_a_preadv_restore(tmp_path: Path, make_mgr: MakeMgr) -> None:
+    from gpubo.store.slotfile import LEND_MAX_BYTES
+
+    store = tmp_path / "s"
+    m = make_mgr(
+        budget=LEND_MAX_BYTES + 8 * MiB,
+        store=str(store),
+        store_size=LEND_MAX_BYTES + 64 * MiB,
+        store_backend="slotfile",
+        transfer="map",
+    )
+    data = pattern(LEND_MAX_BYTES, 5)
+    bo = m.alloc(data.nbytes)
+    bo.write(data)
+    bo.evict()
+    path = store / "slots.bin"
+    needle = data[7 * MiB : 7 * MiB + 64].tobytes()
+    with open(path, "r+b") as f:
+        raw = f.read()
+        at = raw.find(needle)
+        assert at >= 0, "the evicted bytes are not in the store's file"
+        f.seek(at + 10)
+        f.write(bytes([raw[at + 10] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+    with pytest.raises(gpubo.IntegrityError) as info:
+        bo.restore()
+    assert info.value.offset == 7 * MiB
+    assert bo.state is gpubo.State.SWAPPED
+    check_budget(m)
+
+
+def test_a_slot_file_cut_short_under_the_store_is_a_store_error(tmp_path: Path, make_mgr: MakeMgr) -> None:
+    """The file shrinks while the store has it open (another program): a
+    restore read with preadv finds its end, and says so, instead of the
+    SIGBUS a read of the mapping past the file's end would be."""
+    from gpubo.store.slotfile import LEND_MAX_BYTES
+
+    store = tmp_path / "s"
+    m = make_mgr(
+        budget=LEND_MAX_BYTES + 8 * MiB,
+        store=str(store),
+        store_size=LEND_MAX_BYTES + 64 * MiB,
+        store_backend="slotfile",
+        transfer="map",
+    )
+    bo = m.alloc(LEND_MAX_BYTES)
+    bo.write(pattern(LEND_MAX_BYTES, 6))
+    bo.evict()
+    os.truncate(store / "slots.bin", 4096)
+    with pytest.raises(gpubo.StoreError, match="slot file ends at byte"):
+        bo.restore()
+    assert bo.state is gpubo.State.SWAPPED
+    check_budget(m)
