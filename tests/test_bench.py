@@ -473,3 +473,29 @@ def test_evict_steps_quick_runs_and_its_sums_and_ratios_follow_from_its_samples(
                 assert math.isclose(row["restore sum"]["p50_us"], restore)
                 want = p50["raw H2D"] / p50["upload_lent"]
                 assert math.isclose(row["raw H2D / upload_lent"]["p50_ratio"], want)
+
+
+def test_huge_pages_quick_runs_and_its_ratios_follow_from_its_samples() -> None:
+    """``benchmarks/huge_pages.py`` at 4 MiB: both backends, checksums off
+    and on, each p50 its samples' median and each ratio advised / plain."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "huge_pages.py"), "--size", str(4 << 20), "--reps", "3",
+         "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert set(out["cases"]) == {f"{b} checksums {c}" for b in ("lmdb", "slotfile") for c in ("off", "on")}
+    for row in out["cases"].values():
+        for op in ("evict", "restore", "raw D2H", "raw H2D"):
+            p50 = {}
+            for side in ("plain", "advised"):
+                case = row[f"{op}, {side}"]
+                assert len(case["samples_s"]) == 3 and min(case["samples_s"]) > 0
+                assert math.isclose(case["p50_ms"], statistics.median(case["samples_s"]) * 1e3)
+                p50[side] = case["p50_ms"]
+            assert math.isclose(row[f"{op}, advised / plain"]["p50_ratio"], p50["advised"] / p50["plain"])

@@ -33,6 +33,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from gpubo._errors import DeviceError, GpuboError, OutOfDeviceMemory
+from gpubo.backends._pages import HUGE_PAGES_MIN_BYTES, advise_huge_pages, huge_pages_possible
 
 __all__ = ["OpenCLBackend", "describe_platforms", "readonly_args"]
 
@@ -425,7 +426,8 @@ class OpenCLBackend:
     Notes:
         Constant after init: ``context``, ``device``, ``queue``,
         ``transfer_queue``, ``name``, ``max_alloc_bytes``,
-        ``global_mem_bytes``. Thread-safe; see the module docstring.
+        ``global_mem_bytes``, ``host_unified_memory``, ``huge_pages``.
+        Thread-safe; see the module docstring.
     """
 
     def __init__(self, device: cl.Device | cl.Context | str | None = None) -> None:
@@ -461,6 +463,11 @@ class OpenCLBackend:
             self.host_unified_memory = bool(dev.host_unified_memory)
         except cl.Error:
             self.host_unified_memory = False
+        # A CPU device's buffers are host memory: advise huge pages for the
+        # large ones (see gpubo.backends._pages).
+        self.huge_pages = (
+            self.host_unified_memory and bool(dev.type & cl.device_type.CPU) and huge_pages_possible()
+        )
         self._launch_lock = threading.Lock()
         self._gather_lock = threading.Lock()
         self._gather_kernel: cl.Kernel | None = None
@@ -528,7 +535,12 @@ class OpenCLBackend:
         ``zero``, a fill of its first page). It goes on ``transfer_queue``,
         or on ``queue`` with ``kernel_queue`` (a buffer used there first, such
         as a batch's staging buffer: a fill on the other queue costs more
-        there, measured with PoCL).
+        there, measured with PoCL). Before it, on a CPU device
+        (:attr:`huge_pages`), a buffer of at least
+        :data:`~gpubo.backends._pages.HUGE_PAGES_MIN_BYTES` is mapped once
+        so that its memory gets the huge-page advice while no page of it is
+        touched yet (a zero-copy map there; never on a GPU, where a map is a
+        staging copy).
 
         Raises:
             OutOfDeviceMemory: the device could not allocate it.
@@ -537,6 +549,10 @@ class OpenCLBackend:
         buf = None
         try:
             buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
+            if self.huge_pages and nbytes >= HUGE_PAGES_MIN_BYTES:
+                queue = self.queue if kernel_queue else self.transfer_queue
+                with self._map(queue, buf, nbytes, cl.map_flags.WRITE_INVALIDATE_REGION) as view:
+                    advise_huge_pages(np.frombuffer(view, np.uint8).ctypes.data, nbytes)
             self.zero(buf, nbytes if zero else min(nbytes, _TOUCH_BYTES), kernel_queue=kernel_queue)
         except cl.Error as e:
             if buf is not None:
