@@ -432,24 +432,24 @@ def test_the_inline_setting_of_hash_overlap_is_undone() -> None:
     assert before == (store_base.PARALLEL_HASH_MIN_BYTES, transfer.OVERLAP_MIN_BYTES)
 
 
+def _script_json(name: str, *args: str) -> dict:
+    """Run ``benchmarks/<name>`` with ``args`` and ``--json``; its JSON."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / name
+    cmd = [sys.executable, str(script), *args, "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out: dict = json.loads(done.stdout)
+    return out
+
+
 def test_evict_steps_quick_runs_and_its_sums_and_ratios_follow_from_its_samples() -> None:
     """``benchmarks/evict_steps.py`` at 64 KiB (lent) and, with a lending
     limit of 64 KiB, at 64 KiB again (not lent by the slot file): every case
     ran, each p50 is its samples' median, each sum and ratio follows from
     the p50s, and the slot file lends exactly the entries below the limit."""
-    root = Path(__file__).resolve().parent.parent
     for lend_max, slot_lent in ((None, True), (64 << 10, False)):
         extra = [] if lend_max is None else ["--lend-max", str(lend_max)]
-        done = subprocess.run(
-            [sys.executable, str(root / "benchmarks" / "evict_steps.py"),
-             "--reps", "3", "--warmup", "0", "--sizes", "65536", "--json", *extra],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        out = json.loads(done.stdout)
+        out = _script_json("evict_steps.py", "--reps", "3", "--warmup", "0", "--sizes", "65536", *extra)
         assert set(out["cases"]) == {
             f"65536 {b} checksums {c}" for b in ("lmdb", "slotfile") for c in ("off", "on")
         }
@@ -478,17 +478,7 @@ def test_evict_steps_quick_runs_and_its_sums_and_ratios_follow_from_its_samples(
 def test_huge_pages_quick_runs_and_its_ratios_follow_from_its_samples() -> None:
     """``benchmarks/huge_pages.py`` at 4 MiB: both backends, checksums off
     and on, each p50 its samples' median and each ratio advised / plain."""
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "huge_pages.py"), "--size", str(4 << 20), "--reps", "3",
-         "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout)
+    out = _script_json("huge_pages.py", "--size", str(4 << 20), "--reps", "3")
     assert set(out["cases"]) == {f"{b} checksums {c}" for b in ("lmdb", "slotfile") for c in ("off", "on")}
     for row in out["cases"].values():
         for op in ("evict", "restore", "raw D2H", "raw H2D"):

@@ -119,6 +119,19 @@ def test_bounce_eviction_allocates_no_host_memory_in_the_bo_size(make_mgr: MakeM
     assert bo.read(count=16, offset=32 * MiB).tolist() == [7] * 16
 
 
+def _flip_a_byte_of(path: Path, data: np.ndarray) -> None:
+    """Flip byte 10 of where ``data``'s first 64 bytes lie in the store's
+    file ``path``, and flush it to the file."""
+    raw = path.read_bytes()
+    at = raw.find(data[:64].tobytes())
+    assert at >= 0, "the evicted bytes are not in the store's file"
+    with open(path, "r+b") as f:
+        f.seek(at + 10)
+        f.write(bytes([raw[at + 10] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
 def test_a_flipped_byte_is_caught_on_a_bounce_restore(
     tmp_path: Path, make_mgr: MakeMgr, backend: str
@@ -131,16 +144,7 @@ def test_a_flipped_byte_is_caught_on_a_bounce_restore(
     bo = m.alloc(data.nbytes)
     bo.write(data)
     bo.evict()
-    path = store / ("slots.bin" if backend == "slotfile" else "data.mdb")
-    raw = path.read_bytes()
-    needle = data[2 * MiB : 2 * MiB + 64].tobytes()
-    at = raw.find(needle)
-    assert at >= 0, "the evicted bytes are not in the store's file"
-    with open(path, "r+b") as f:
-        f.seek(at + 10)
-        f.write(bytes([raw[at + 10] ^ 0xFF]))
-        f.flush()
-        os.fsync(f.fileno())
+    _flip_a_byte_of(store / ("slots.bin" if backend == "slotfile" else "data.mdb"), data[2 * MiB :])
     with pytest.raises(gpubo.IntegrityError) as info:
         bo.restore()
     assert info.value.offset == 2 * MiB
@@ -228,7 +232,14 @@ def test_a_slot_file_bo_too_large_to_lend_is_read_back_exactly(make_mgr: MakeMgr
         bo.free()
 
 
-def test_a_flipped_byte_is_caught_on_a_preadv_restore(tmp_path: Path, make_mgr: MakeMgr) -> None:
+@pytest.mark.parametrize("damage", ["flipped byte", "file cut short"])
+def test_a_damaged_slot_file_fails_a_preadv_restore_with_a_typed_error(
+    tmp_path: Path, make_mgr: MakeMgr, damage: str
+) -> None:
+    """A restore read with preadv (an entry too large to lend) verifies what
+    it read, and a file that shrank while the store had it open (another
+    program) is a StoreError at the byte where it ends, not the SIGBUS a
+    read of the mapping past the file's end would be."""
     from gpubo.store.slotfile import LEND_MAX_BYTES
 
     store = tmp_path / "s"
@@ -243,42 +254,14 @@ def test_a_flipped_byte_is_caught_on_a_preadv_restore(tmp_path: Path, make_mgr: 
     bo = m.alloc(data.nbytes)
     bo.write(data)
     bo.evict()
-    path = store / "slots.bin"
-    needle = data[7 * MiB : 7 * MiB + 64].tobytes()
-    with open(path, "r+b") as f:
-        raw = f.read()
-        at = raw.find(needle)
-        assert at >= 0, "the evicted bytes are not in the store's file"
-        f.seek(at + 10)
-        f.write(bytes([raw[at + 10] ^ 0xFF]))
-        f.flush()
-        os.fsync(f.fileno())
-    with pytest.raises(gpubo.IntegrityError) as info:
-        bo.restore()
-    assert info.value.offset == 7 * MiB
-    assert bo.state is gpubo.State.SWAPPED
-    check_budget(m)
-
-
-def test_a_slot_file_cut_short_under_the_store_is_a_store_error(tmp_path: Path, make_mgr: MakeMgr) -> None:
-    """The file shrinks while the store has it open (another program): a
-    restore read with preadv finds its end, and says so, instead of the
-    SIGBUS a read of the mapping past the file's end would be."""
-    from gpubo.store.slotfile import LEND_MAX_BYTES
-
-    store = tmp_path / "s"
-    m = make_mgr(
-        budget=LEND_MAX_BYTES + 8 * MiB,
-        store=str(store),
-        store_size=LEND_MAX_BYTES + 64 * MiB,
-        store_backend="slotfile",
-        transfer="map",
-    )
-    bo = m.alloc(LEND_MAX_BYTES)
-    bo.write(pattern(LEND_MAX_BYTES, 6))
-    bo.evict()
-    os.truncate(store / "slots.bin", 4096)
-    with pytest.raises(gpubo.StoreError, match="slot file ends at byte"):
-        bo.restore()
+    if damage == "flipped byte":
+        _flip_a_byte_of(store / "slots.bin", data[7 * MiB :])
+        with pytest.raises(gpubo.IntegrityError) as info:
+            bo.restore()
+        assert info.value.offset == 7 * MiB
+    else:
+        os.truncate(store / "slots.bin", 4096)
+        with pytest.raises(gpubo.StoreError, match="slot file ends at byte"):
+            bo.restore()
     assert bo.state is gpubo.State.SWAPPED
     check_budget(m)
