@@ -11,8 +11,8 @@ advice, ``madvise(MADV_HUGEPAGE)``, before its first page is touched, so
 that the kernel backs it with 2 MiB pages where it can. It is advice: a
 system with transparent huge pages off (``never`` in
 ``/sys/kernel/mm/transparent_hugepage/enabled``) ignores it, and a failure
-is logged, not raised. Figures: ``python benchmarks/evict_steps.py`` and
-BENCHMARKS.md.
+is logged, not raised. ``python benchmarks/huge_pages.py`` measures an
+advised buffer against a plain one (figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -65,11 +65,12 @@ _SLOTS_NAME = "slots.bin"
 
 #: Entries at least this big are not lent (``lent_chunks``) but read with
 #: ``preadv`` into the destination. On PoCL a 64 MiB entry restores in
-#: 0.83-0.89x the time that way with checksums off and in about the same
-#: time with them on; at 16 MiB with checksums lending is faster (its
+#: 0.83-0.96x the time that way with checksums off and in 0.97-0.99x with
+#: them on; at 16 MiB with checksums lending is faster (its
 #: hashing overlaps the device's copy), and at 1 MiB by far (one copy
 #: command against a map and an unmap). ``python benchmarks/evict_steps.py
-#: --sizes 16777216,67108864 --lend-max 1099511627776`` measures both.
+#: --sizes 16777216,67108864 --lend-max 1099511627776`` measures both
+#: (BENCHMARKS.md, "Issue 16, closing A/B").
 LEND_MAX_BYTES = 32 << 20
 Extents = tuple[tuple[int, int], ...]
 
