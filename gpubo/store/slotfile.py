@@ -244,7 +244,6 @@ class SlotFileStore(SwapStore):
             self._mmap = mmap.mmap(self._fd, self.size_bytes)
         except OSError as e:
             raise StoreError(f"cannot open or map the slot file {path!r}: {e}") from e
-        self._slots = np.frombuffer(self._mmap, np.uint8)
         self._view = memoryview(self._mmap)
         self._alloc = SlotAllocator(self.size_bytes // PAGE_BYTES)
         self.capacity_bytes = self.size_bytes
@@ -527,7 +526,6 @@ class SlotFileStore(SwapStore):
             os.close(self._direct_fd)
             self._direct_fd = -1
         if getattr(self, "_mmap", None) is not None:
-            self._slots = np.empty(0, np.uint8)
             self._view.release()
             try:
                 self._mmap.close()  # type: ignore[union-attr]
