@@ -88,12 +88,11 @@ class _Case:
         self.dst = backend.allocate(nbytes)
         backend.upload(self.buf, self.expected, 0)
         self.host = np.full(nbytes, 0x5A, np.uint8)
-        fd, self.scratch = tempfile.mkstemp(dir=directory, prefix="pwrite-")
-        self.fd = fd
+        self.fd, _ = tempfile.mkstemp(dir=directory, prefix="pwrite-")  # removed with the directory
         self.times: dict[str, list[float]] = {s: [] for s in EVICT_STEPS + RESTORE_STEPS + (LENT, READ) + RAW}
 
     def evict(self, keep: bool) -> Any:
-        """One eviction, step by step; the entry, or None once released."""
+        """One eviction, step by step; the new entry."""
         pc = time.perf_counter
         t0 = pc()
         mapping = self.backend.map_read(self.buf, self.nbytes)
@@ -115,27 +114,32 @@ class _Case:
                 self.times[step].append(took)
         return entry
 
-    def read_into(self, entry: Any, keep: bool) -> None:
+    def read_into(self, entry: Any, keep: bool) -> bool:
+        """The other restore, whole (every entry can be read); True."""
         t = time.perf_counter()
         with self.backend.map_write(self.dst, self.nbytes) as view:
             self.store.read_into(entry, view, "steps")
         if keep:
             self.times[READ].append(time.perf_counter() - t)
+        return True
 
-    def upload_lent(self, entry: Any, keep: bool) -> None:
+    def upload_lent(self, entry: Any, keep: bool) -> bool:
+        """The lent restore whole; whether the store lent the entry."""
         t = time.perf_counter()
-        lent = upload_lent(self.backend, self.store, [(entry, self.dst, "steps")], True, None)
-        if keep and lent[0]:
+        lent = upload_lent(self.backend, self.store, [(entry, self.dst, "steps")], True, None)[0]
+        if keep and lent:
             self.times[LENT].append(time.perf_counter() - t)
+        return lent
 
-    def restore(self, entry: Any, keep: bool) -> None:
+    def restore(self, entry: Any, keep: bool) -> bool:
+        """The lent restore step by step; whether the store lent the entry."""
         pc = time.perf_counter
         t0 = pc()
         with self.store.lent_chunks([entry], ["steps"]) as lent:
             t1 = pc()
             chunks = lent[0]
             if chunks is None:  # not lent (LEND_MAX_BYTES): read_into is its restore
-                return
+                return False
             for index, segments in enumerate(chunks):
                 self.store.check_lent(entry, index, segments, "steps")
             t2 = pc()
@@ -151,6 +155,7 @@ class _Case:
         if keep:
             for step, took in zip(RESTORE_STEPS, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 self.times[step].append(took)
+        return True
 
     def raw(self, name: str) -> float:
         q = self.backend.queue
@@ -188,10 +193,9 @@ class _Case:
         got = np.empty(self.nbytes, np.uint8)
         for restore in (self.restore, self.upload_lent, self.read_into):
             self.backend.zero(self.dst, self.nbytes)
-            restore(entry, False)
-            self.backend.download(self.dst, got, 0)
-            if restore != self.read_into and not self.times["lend"] and not np.any(got):
+            if not restore(entry, False):
                 continue  # not lent: nothing was copied
+            self.backend.download(self.dst, got, 0)
             if not np.array_equal(got, self.expected):
                 raise SystemExit(f"{self.store!r}: the restored bytes differ: benchmark invalid")
         self.store.release(entry)
