@@ -927,12 +927,14 @@ class OpenCLBackend:
             status = pending[-1].command_execution_status
             if status == _COMPLETE:
                 pending.pop()
-            elif status < _COMPLETE or time.perf_counter() > deadline:
-                # A failed command (its status is an error code) or a long
-                # one: clWaitForEvents reports the first, sleeps through the
-                # second.
-                cl.wait_for_events(pending)
+            elif status < _COMPLETE:
+                cl.wait_for_events(pending)  # a failed command: its error is raised
                 return
+            elif time.perf_counter() > deadline:
+                # A long copy: sleep through it. One event at a time, from the
+                # last: on an in-order queue the others are done with it, and
+                # clWaitForEvents of many on PoCL sleeps and wakes for each.
+                cl.wait_for_events([pending.pop()])
 
     @staticmethod
     def is_complete(event: cl.Event) -> bool:
