@@ -5,6 +5,7 @@ device buffer), on the real PoCL device and real stores."""
 from __future__ import annotations
 
 import os
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -149,6 +150,51 @@ def test_a_flipped_byte_is_caught_on_a_bounce_restore(
         bo.restore()
     assert info.value.offset == 2 * MiB
     assert bo.state is gpubo.State.SWAPPED
+    check_budget(m)
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+def test_a_large_restore_hashed_on_the_worker_reports_the_first_bad_chunk(
+    tmp_path: Path, make_mgr: MakeMgr, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """A large entry read into a mapping of its buffer is hashed on the hash
+    worker while the store copies (read_hashing_aside). The bytes still come
+    back exact, and of two damaged chunks the first, in order, is reported."""
+    from gpubo.store import hashing
+
+    hashed_on: list[tuple[str, list[int]]] = []
+    real = hashing.hash_plans
+
+    def observed(view: memoryview, plans: Any) -> list[int | None]:
+        hashed_on.append((threading.current_thread().name, [p.index for p in plans]))
+        return real(view, plans)
+
+    monkeypatch.setattr(hashing, "hash_plans", observed)
+    store = tmp_path / "s"
+    m = make_mgr(budget="32MiB", store=str(store), store_size="96MiB", store_backend=backend, transfer="map")
+    bos, datas = [], []
+    for seed in (21, 22):
+        data = pattern(12 * MiB, seed)
+        data[3 * MiB : 3 * MiB + 4096] = 0  # a zero page: the entry is read, not lent
+        bo = m.alloc(data.nbytes)
+        bo.write(data)
+        bos.append(bo)
+        datas.append(data)
+    for bo in bos:
+        bo.evict()
+    hashed_on.clear()
+    bos[0].restore()
+    assert np.array_equal(bos[0].read(), datas[0])
+    assert {name.startswith("gpubo-hash") for name, _ in hashed_on} == {True}
+    assert sorted(i for _, indices in hashed_on for i in indices) == list(range(12))
+
+    path = store / ("slots.bin" if backend == "slotfile" else "data.mdb")
+    _flip_a_byte_of(path, datas[1][9 * MiB :])
+    _flip_a_byte_of(path, datas[1][5 * MiB :])
+    with pytest.raises(gpubo.IntegrityError) as info:
+        bos[1].restore()
+    assert info.value.offset == 5 * MiB
+    assert bos[1].state is gpubo.State.SWAPPED
     check_budget(m)
 
 

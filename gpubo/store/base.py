@@ -45,7 +45,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -65,6 +65,7 @@ from gpubo.store.entry import (
     Entry,
     FsckReport,
     Hasher,
+    KnownDigest,
     ViewChunks,
     batch_zero_flags,
     page_digest,
@@ -72,7 +73,7 @@ from gpubo.store.entry import (
     scan_zero_pages,
     steps,
 )
-from gpubo.store.hashing import PARALLEL_HASH_MIN_BYTES, copy_hashing_aside
+from gpubo.store.hashing import PARALLEL_HASH_MIN_BYTES, copy_hashing_aside, read_hashing_aside
 from gpubo.store.integrity import STATE_NAME, StoreState, check_lmdb_file, read_state
 from gpubo.store.private import PrivateDir
 from gpubo.store.records import RecordTable
@@ -89,8 +90,10 @@ __all__ = [
     "LentChunks",
     "SwapStore",
     "ViewChunks",
+    "hashes_aside",
     "hashes_stream",
     "plan_chunks",
+    "read_verified_aside",
     "scan_zero_pages",
     "steps",
     "verify_chunk",
@@ -110,7 +113,11 @@ LentChunks = list[list[memoryview]]
 
 
 def verify_chunk(
-    entry: Entry, index: int, hasher: Hasher, label: str, filled: memoryview | np.ndarray | None
+    entry: Entry,
+    index: int,
+    hasher: Hasher | KnownDigest,
+    label: str,
+    filled: memoryview | np.ndarray | None,
 ) -> None:
     """Check chunk ``index`` of ``entry``: ``hasher`` fed its stored bytes
     (:data:`~gpubo.store.entry.XXH3`), or ``filled``, the chunk as the BO
@@ -148,6 +155,45 @@ def zero_fill_plan(plan: ChunkPlan, out: np.ndarray) -> None:
 def hashes_stream(entry: Entry, verify: bool) -> bool:
     """Whether a read of ``entry`` hashes its stored bytes as it copies them."""
     return verify and entry.checksums is not None and entry.hashing == XXH3
+
+
+def hashes_aside(entry: Entry, dst: Chunks, hashed: bool) -> bool:
+    """Whether a read of ``entry`` into ``dst`` hashes on the worker
+    (:func:`read_verified_aside`): a large entry that is hashed, read into
+    one view that stays valid for the whole read (not a sink whose chunks
+    are refilled under the store)."""
+    return hashed and isinstance(dst, ViewChunks) and entry.nbytes >= PARALLEL_HASH_MIN_BYTES
+
+
+def read_verified_aside(
+    entry: Entry,
+    dst: ViewChunks,
+    plans: Sequence[ChunkPlan],
+    label: str,
+    read: Callable[[ChunkPlan, np.ndarray], object],
+) -> None:
+    """A store's ``_read_chunks`` where :func:`hashes_aside`: ``read(plan,
+    out)`` copies the plan's stored bytes into ``out`` (its chunk of
+    ``dst``) without hashing them, and releases the GIL while it copies;
+    the worker hashes the chunks already read meanwhile. Each chunk is
+    verified once all are read, then marked filled, in order.
+
+    Raises:
+        IntegrityError: a chunk fails its checksum (the first, in order).
+        what ``read`` raises.
+    """
+
+    def fill(plan: ChunkPlan) -> None:
+        out = np.frombuffer(dst.chunk(plan.index), np.uint8)
+        zero_fill_plan(plan, out)
+        if plan.stored_bytes:
+            read(plan, out)
+
+    digests = read_hashing_aside(fill, dst.view, plans)
+    for plan, digest in zip(plans, digests, strict=True):
+        if plan.stored_bytes:
+            verify_chunk(entry, plan.index, KnownDigest(digest), label, None)
+        dst.filled(plan.index)
 
 
 class SwapStore(RecordTable, ABC):

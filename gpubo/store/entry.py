@@ -34,6 +34,7 @@ __all__ = [
     "Extents",
     "FsckReport",
     "Hasher",
+    "KnownDigest",
     "ViewChunks",
     "batch_zero_flags",
     "no_zero_page_possible",
@@ -283,6 +284,17 @@ class Hasher:
 
     def digest(self) -> int | None:
         return int(self._h.intdigest()) if self._h is not None else None
+
+
+class KnownDigest:
+    """A :class:`Hasher` whose digest was computed elsewhere (by the hash
+    worker: :func:`~gpubo.store.hashing.read_hashing_aside`)."""
+
+    def __init__(self, digest: int | None) -> None:
+        self._digest = digest
+
+    def digest(self) -> int | None:
+        return self._digest
 
 
 def steps(length: int, hashed: bool) -> Iterator[tuple[int, int]]:

@@ -13,6 +13,14 @@ other way round). The bytes hashed are the same either way: the source is
 not written during an eviction (the BO's lock is held and its kernels are
 done).
 
+A read of such an entry into one view that stays valid (a mapping of the
+device buffer) is the mirror image (:func:`read_hashing_aside`): the
+reading thread copies chunk after chunk with ``os.preadv`` or numpy (both
+release the GIL) and hands the worker the chunks it has filled, a group of
+:data:`ASIDE_GROUP_BYTES` at a time; the chunks are verified once all are
+read. A group is handed off whole because the worker holds the GIL while
+it hashes: the reader, between two copies, waits for it.
+
 One worker serves the process (a write waits for it when another write's
 hashes are ahead in its queue). A forked child starts without it and makes
 its own on first use.
@@ -30,11 +38,23 @@ import xxhash
 
 from gpubo.store.entry import ChunkPlan
 
-__all__ = ["PARALLEL_HASH_MIN_BYTES", "copy_hashing_aside", "hash_plans", "hash_plans_async"]
+__all__ = [
+    "ASIDE_GROUP_BYTES",
+    "PARALLEL_HASH_MIN_BYTES",
+    "copy_hashing_aside",
+    "hash_plans",
+    "hash_plans_async",
+    "read_hashing_aside",
+]
 
 #: Entries storing at least this many bytes are hashed on the worker (a
 #: hand-off to it costs tens of microseconds: too much for small entries).
 PARALLEL_HASH_MIN_BYTES = 4 << 20
+
+#: A read hashing aside hands the worker the chunks it has filled once they
+#: hold at least this many stored bytes: the worker's last group is the time
+#: the read waits for it, and each hand-off costs about one small hash.
+ASIDE_GROUP_BYTES = 4 << 20
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -97,13 +117,55 @@ def copy_hashing_aside(
     try:
         copy()
     finally:
-        # The source must outlive the hashing, even through a Ctrl-C here.
-        interrupted: KeyboardInterrupt | None = None
-        while not future.done():
-            try:
-                futures.wait([future])
-            except KeyboardInterrupt as e:
-                interrupted = e
-        if interrupted is not None:
-            raise interrupted
+        _outlive([future])
     return future.result()
+
+
+def read_hashing_aside(
+    read: Callable[[ChunkPlan], object], view: memoryview, plans: Sequence[ChunkPlan]
+) -> list[int | None]:
+    """Run ``read(plan)`` for each of ``plans`` in order (it fills the plan's
+    stored bytes of ``view``, the whole entry, without hashing them) while
+    the worker computes :func:`hash_plans` of the plans already read, about
+    :data:`ASIDE_GROUP_BYTES` at a time; the hashes of all. ``read`` must
+    release the GIL while it copies (``os.preadv`` and numpy's copies do),
+    or nothing overlaps. ``read``'s error is raised once the worker is done
+    with ``view``."""
+    pending: list[Future[list[int | None]]] = []
+    group: list[ChunkPlan] = []
+    grouped = 0
+
+    def hand_off() -> None:
+        nonlocal group, grouped
+        future = hash_plans_async(view, group)
+        if future is None:  # shutting down: hash inline
+            future = Future()
+            future.set_result(hash_plans(view, group))
+        pending.append(future)
+        group, grouped = [], 0
+
+    try:
+        for plan in plans:
+            read(plan)
+            group.append(plan)
+            grouped += plan.stored_bytes
+            if grouped >= ASIDE_GROUP_BYTES:
+                hand_off()
+        if group:
+            hand_off()
+    finally:
+        _outlive(pending)
+    return [digest for future in pending for digest in future.result()]
+
+
+def _outlive(pending: Sequence[Future[list[int | None]]]) -> None:
+    """Wait until the worker is done with every future of ``pending``: the
+    view it hashes must outlive the hashing, even through a Ctrl-C here."""
+    interrupted: KeyboardInterrupt | None = None
+    while not all(future.done() for future in pending):
+        try:
+            futures.wait(pending)
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted

@@ -37,8 +37,11 @@ from gpubo.store.base import (
     Entry,
     LentChunks,
     SwapStore,
+    ViewChunks,
+    hashes_aside,
     hashes_stream,
     plan_chunks,
+    read_verified_aside,
     steps,
     verify_chunk,
     zero_fill_plan,
@@ -294,38 +297,63 @@ class LmdbStore(SwapStore):
         env = self._require_env()
         try:
             with env.begin(db=self._data_db, buffers=True) as txn:
+                if hashes_aside(entry, dst, hashed):
+                    assert isinstance(dst, ViewChunks)
+                    read_verified_aside(
+                        entry,
+                        dst,
+                        plans,
+                        label,
+                        lambda plan, out: self._copy_plan(txn, entry, plan, out, label, None),
+                    )
+                    return
                 for plan in plans:
                     out = np.frombuffer(dst.chunk(plan.index), np.uint8)
-                    base = plan.index * CHUNK_BYTES
                     zero_fill_plan(plan, out)
                     if not plan.stored_bytes:
                         dst.filled(plan.index)
                         continue
-                    value = txn.get(_KEY.pack(entry.key, plan.index))
-                    if value is None:
-                        value = self._paged_chunk(txn, entry.key, plan)
-                    if value is None or len(value) != plan.stored_bytes:
-                        offset = plan.index * CHUNK_BYTES
-                        raise IntegrityError(
-                            f"{label}: store chunk at byte {offset} is missing or truncated",
-                            bo=label,
-                            offset=offset,
-                        )
-                    stored = np.frombuffer(value, np.uint8)
                     hasher = Hasher(hashed)
-                    pos = 0
-                    for start, end in plan.pieces:
-                        for done, step in steps(end - start, hashed):
-                            at = pos + done
-                            to = start - base + done
-                            np.copyto(out[to : to + step], stored[at : at + step])
-                            hasher.add(value[at : at + step])
-                        pos += end - start
+                    self._copy_plan(txn, entry, plan, out, label, hasher if hashed else None)
                     if verify:
                         verify_chunk(entry, plan.index, hasher, label, out)
                     dst.filled(plan.index)
         except lmdb.Error as e:
             raise StoreError(f"reading {label} from the store failed: {e}") from e
+
+    def _copy_plan(
+        self,
+        txn: lmdb.Transaction,
+        entry: Entry,
+        plan: ChunkPlan,
+        out: np.ndarray,
+        label: str,
+        hasher: Hasher | None,
+    ) -> None:
+        """Copy ``plan``'s stored bytes into ``out``, its chunk; with a
+        ``hasher``, each step is hashed right after its copy."""
+        value = txn.get(_KEY.pack(entry.key, plan.index))
+        if value is None:
+            value = self._paged_chunk(txn, entry.key, plan)
+        if value is None or len(value) != plan.stored_bytes:
+            offset = plan.index * CHUNK_BYTES
+            raise IntegrityError(
+                f"{label}: store chunk at byte {offset} is missing or truncated",
+                bo=label,
+                offset=offset,
+            )
+        stored = np.frombuffer(value, np.uint8)
+        raw = memoryview(value)
+        base = plan.index * CHUNK_BYTES
+        pos = 0
+        for start, end in plan.pieces:
+            for done, step in steps(end - start, hasher is not None):
+                at = pos + done
+                to = start - base + done
+                np.copyto(out[to : to + step], stored[at : at + step])
+                if hasher is not None:
+                    hasher.add(raw[at : at + step])
+            pos += end - start
 
     @staticmethod
     def _paged_chunk(txn: lmdb.Transaction, key: int, plan: ChunkPlan) -> memoryview | None:

@@ -47,8 +47,11 @@ from gpubo.store.base import (
     Entry,
     LentChunks,
     SwapStore,
+    ViewChunks,
+    hashes_aside,
     hashes_stream,
     plan_chunks,
+    read_verified_aside,
     steps,
     verify_chunk,
     zero_fill_plan,
@@ -416,6 +419,12 @@ class SlotFileStore(SwapStore):
         self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
     ) -> None:
         hashed = hashes_stream(entry, verify)
+        if self.durability is not Durability.DIRECT and hashes_aside(entry, dst, hashed):
+            assert isinstance(dst, ViewChunks)
+            read_verified_aside(
+                entry, dst, plans, label, lambda plan, out: self._pread_plan(entry, plan, out, None)
+            )
+            return
         for plan in plans:
             out = np.frombuffer(dst.chunk(plan.index), np.uint8)
             zero_fill_plan(plan, out)
@@ -423,10 +432,10 @@ class SlotFileStore(SwapStore):
             if not n:
                 dst.filled(plan.index)
                 continue
-            base = plan.index * CHUNK_BYTES
             hasher = Hasher(hashed)
-            pieces = [(s - base, e - s) for s, e in plan.pieces]
             if self.durability is Durability.DIRECT:
+                base = plan.index * CHUNK_BYTES
+                pieces = [(s - base, e - s) for s, e in plan.pieces]
                 with self._bounce_lock:
                     self._read_direct(entry.extents, plan)
                     for stream_off, dst_off, length in _zip([(0, n)], pieces):
@@ -437,21 +446,27 @@ class SlotFileStore(SwapStore):
                         verify_chunk(entry, plan.index, hasher, label, out)
                 dst.filled(plan.index)
                 continue
-            else:
-                # preadv, not a copy out of the mapping: faster for large entries
-                # (see LEND_MAX_BYTES), and a file cut short under the store is a
-                # StoreError, not a SIGBUS. Each step is hashed where it landed,
-                # while it is still in cache.
-                segs = list(_segments(entry.extents, plan.stream_offset, n))
-                dest = out.data
-                for file_off, dst_off, length in _zip(segs, pieces):
-                    for done, step in steps(length, hashed):
-                        piece = dest[dst_off + done : dst_off + done + step]
-                        self._pread_all(piece, file_off + done)
-                        hasher.add(piece)
+            self._pread_plan(entry, plan, out, hasher if hashed else None)
             if verify:
                 verify_chunk(entry, plan.index, hasher, label, out)
             dst.filled(plan.index)
+
+    def _pread_plan(self, entry: Entry, plan: ChunkPlan, out: np.ndarray, hasher: Hasher | None) -> None:
+        """Read ``plan``'s stored bytes into ``out``, its chunk, with
+        ``preadv``, not a copy out of the mapping: faster for large entries
+        (see LEND_MAX_BYTES), and a file cut short under the store is a
+        StoreError, not a SIGBUS. With a ``hasher``, each step is hashed where
+        it landed, while it is still in cache."""
+        base = plan.index * CHUNK_BYTES
+        pieces = [(s - base, e - s) for s, e in plan.pieces]
+        segs = list(_segments(entry.extents, plan.stream_offset, plan.stored_bytes))
+        dest = out.data
+        for file_off, dst_off, length in _zip(segs, pieces):
+            for done, step in steps(length, hasher is not None):
+                piece = dest[dst_off + done : dst_off + done + step]
+                self._pread_all(piece, file_off + done)
+                if hasher is not None:
+                    hasher.add(piece)
 
     @contextlib.contextmanager
     def _lend(self, entries: list[Entry], labels: list[str]) -> Iterator[list[LentChunks | None]]:
