@@ -278,14 +278,16 @@ def test_a_slot_file_bo_too_large_to_lend_is_read_back_exactly(make_mgr: MakeMgr
         bo.free()
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "file cut short"])
-def test_a_damaged_slot_file_fails_a_preadv_restore_with_a_typed_error(
-    tmp_path: Path, make_mgr: MakeMgr, damage: str
+@pytest.mark.parametrize(
+    ("damage", "checksums"), [("flipped byte", True), ("file cut short", True), ("file cut short", False)]
+)
+def test_a_damaged_slot_file_fails_a_large_restore_with_a_typed_error(
+    tmp_path: Path, make_mgr: MakeMgr, damage: str, checksums: bool
 ) -> None:
-    """A restore read with preadv (an entry too large to lend) verifies what
-    it read, and a file that shrank while the store had it open (another
-    program) is a StoreError at the byte where it ends, not the SIGBUS a
-    read of the mapping past the file's end would be."""
+    """A large restore verifies what it read, and a file that shrank while
+    the store had it open (another program) is a StoreError that says where
+    it ends, not the SIGBUS a read of the mapping past the file's end would
+    be: the entry is read with preadv, which reports the short read."""
     from gpubo.store.slotfile import LEND_MAX_BYTES
 
     store = tmp_path / "s"
@@ -295,6 +297,7 @@ def test_a_damaged_slot_file_fails_a_preadv_restore_with_a_typed_error(
         store_size=LEND_MAX_BYTES + 64 * MiB,
         store_backend="slotfile",
         transfer="map",
+        checksums=checksums,
     )
     data = pattern(LEND_MAX_BYTES, 5)
     bo = m.alloc(data.nbytes)
@@ -307,7 +310,36 @@ def test_a_damaged_slot_file_fails_a_preadv_restore_with_a_typed_error(
         assert info.value.offset == 7 * MiB
     else:
         os.truncate(store / "slots.bin", 4096)
-        with pytest.raises(gpubo.StoreError, match="slot file ends at byte"):
+        with pytest.raises(gpubo.StoreError, match="slot file ends at byte 4096"):
             bo.restore()
     assert bo.state is gpubo.State.SWAPPED
+    check_budget(m)
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+def test_a_store_file_cut_short_is_a_store_error_not_a_sigbus(
+    tmp_path: Path, make_mgr: MakeMgr, backend: str
+) -> None:
+    """Another program truncates the store's mapped data file while the
+    store has it open. A restore of a lent entry would read the mapping past
+    the file's end and an LMDB eviction would write it: both are a SIGBUS
+    that kills the process. Each is a StoreError instead, and the BOs keep
+    their state and bytes."""
+    store = tmp_path / "s"
+    m = make_mgr(budget="8MiB", store=str(store), store_size="64MiB", store_backend=backend, transfer="map")
+    swapped, resident = pattern(MiB, 31), pattern(MiB, 32)
+    a, b = m.alloc(MiB), m.alloc(MiB)
+    a.write(swapped)
+    b.write(resident)
+    a.evict()
+    name = "slots.bin" if backend == "slotfile" else "data.mdb"
+    os.truncate(store / name, 4096)
+    what = "slot file" if backend == "slotfile" else "store's LMDB file"
+    with pytest.raises(gpubo.StoreError, match=f"the {what} ends at byte 4096"):
+        a.restore()
+    assert a.state is gpubo.State.SWAPPED
+    with pytest.raises(gpubo.StoreError, match=f"the {what} ends at byte 4096"):
+        b.evict()
+    assert b.state is gpubo.State.RESIDENT
+    assert np.array_equal(b.read(), resident)
     check_budget(m)

@@ -74,7 +74,7 @@ from gpubo.store.entry import (
     steps,
 )
 from gpubo.store.hashing import PARALLEL_HASH_MIN_BYTES, copy_hashing_aside, read_hashing_aside
-from gpubo.store.integrity import STATE_NAME, StoreState, check_lmdb_file, read_state
+from gpubo.store.integrity import STATE_NAME, MappedFiles, StoreState, check_store_files, read_state
 from gpubo.store.private import PrivateDir
 from gpubo.store.records import RecordTable
 
@@ -265,6 +265,7 @@ class SwapStore(RecordTable, ABC):
         self._write_lock = threading.Lock()
         self._lock_fd = -1
         self._env: lmdb.Environment | None = None
+        self._mapped = MappedFiles()  # checked before each access through a mapping
         self._refs: dict[int, int] = {}  # entry key -> references; guarded by _lock
         self._entries: dict[int, Entry] = {}  # live entries; guarded by _lock
         self._names: dict[str, Entry] = {}  # committed named records; guarded by _lock
@@ -289,6 +290,7 @@ class SwapStore(RecordTable, ABC):
             self._meta_db = self._env.open_db(b"meta")
             self._check_format()
             self._open_data(size_bytes)
+            self._mapped.watch(os.path.join(self.path, "data.mdb"), "store's LMDB file")
             self._load_names(state)
         except lmdb.Error as e:
             self._close_failed_open(before)
@@ -311,27 +313,7 @@ class SwapStore(RecordTable, ABC):
         Raises:
             StoreError: a file is missing, truncated or not an LMDB file.
         """
-        data = os.path.join(self.path, "data.mdb")
-        if state is not None:
-            if state.backend != self.backend_name:
-                raise StoreError(
-                    f"store {self.path!r} is a {state.backend!r} store; open it with "
-                    f"store_backend={state.backend!r}"
-                )
-            for name in {"data.mdb", self._data_file()}:
-                if not os.path.isfile(os.path.join(self.path, name)):
-                    raise StoreError(
-                        f"store {self.path!r} is damaged: its file {name} is missing (or not a file); "
-                        f"its {state.records} record(s) cannot be read"
-                    )
-            if os.path.getsize(data) < 2 * PAGE_BYTES:  # LMDB would make a new, empty one of it
-                raise StoreError(
-                    f"store {self.path!r} is damaged: data.mdb is truncated to {os.path.getsize(data)} "
-                    f"bytes; its {state.records} record(s) cannot be read"
-                )
-        if os.path.isdir(data):
-            raise StoreError(f"store {self.path!r} is damaged: data.mdb is a directory")
-        check_lmdb_file(data, PAGE_BYTES)
+        check_store_files(self.path, state, self.backend_name, self._data_file(), PAGE_BYTES)
 
     def _admit_record(self, name: str, entry: Entry) -> str | None:
         """Backend check of a record read at open (and claim of its space);
@@ -868,6 +850,7 @@ class SwapStore(RecordTable, ABC):
     def _require_env(self) -> lmdb.Environment:
         if self._env is None:
             raise StoreError("the store is closed")
+        self._mapped.check()
         return self._env
 
     def _close_data(self) -> None:
@@ -876,6 +859,7 @@ class SwapStore(RecordTable, ABC):
     def close(self) -> None:
         """Close the store, unlock it, and delete it if temporary. Idempotent."""
         self._close_data()
+        self._mapped.close()
         if self._env is not None:
             self._env.close()
             self._env = None

@@ -17,7 +17,9 @@ in ``gpubo.state`` (a small file of its own, checksummed):
 
 :func:`check_lmdb_file` reads an LMDB file's meta pages before LMDB maps
 it: a file shorter than the pages its meta page names would make LMDB
-fault on them (SIGBUS) instead of failing.
+fault on them (SIGBUS) instead of failing. :class:`MappedFiles` does the
+same while the store is open: a file another program cuts short under
+the store is a :class:`~gpubo.StoreError` at the next access, not a SIGBUS.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ import xxhash
 
 from gpubo._errors import StoreError
 
-__all__ = ["STATE_NAME", "StoreState", "check_lmdb_file", "read_state", "write_state"]
+__all__ = [
+    "STATE_NAME",
+    "MappedFiles",
+    "StoreState",
+    "check_lmdb_file",
+    "check_store_files",
+    "read_state",
+    "write_state",
+]
 
 STATE_NAME = "gpubo.state"
 _MAGIC = b"GPUBOST1"
@@ -147,3 +157,79 @@ def check_lmdb_file(file: str, page_bytes: int) -> None:
             f"{file!r} is truncated: its meta page names {last_pg + 1} pages, the file holds "
             f"{size // page_bytes}"
         )
+
+
+def check_store_files(
+    path: str, state: StoreState | None, backend: str, data_file: str, page_bytes: int
+) -> None:
+    """Before LMDB maps anything: the files the state file says a
+    ``backend`` store at ``path`` has (``data.mdb`` and ``data_file``) are
+    there, and no LMDB file is shorter than its meta page says.
+
+    Raises:
+        StoreError: a file is missing, truncated or not an LMDB file.
+    """
+    data = os.path.join(path, "data.mdb")
+    if state is not None:
+        if state.backend != backend:
+            raise StoreError(
+                f"store {path!r} is a {state.backend!r} store; open it with store_backend={state.backend!r}"
+            )
+        for name in {"data.mdb", data_file}:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise StoreError(
+                    f"store {path!r} is damaged: its file {name} is missing (or not a file); "
+                    f"its {state.records} record(s) cannot be read"
+                )
+        if os.path.getsize(data) < 2 * page_bytes:  # LMDB would make a new, empty one of it
+            raise StoreError(
+                f"store {path!r} is damaged: data.mdb is truncated to {os.path.getsize(data)} "
+                f"bytes; its {state.records} record(s) cannot be read"
+            )
+    if os.path.isdir(data):
+        raise StoreError(f"store {path!r} is damaged: data.mdb is a directory")
+    check_lmdb_file(data, page_bytes)
+
+
+class MappedFiles:
+    """The files a store maps, each with its size when the store opened it.
+
+    A read or write of a mapping past its file's end is a SIGBUS, which
+    kills the process. A store never shrinks its files, so :meth:`check`
+    (one ``fstat`` per file, about a microsecond) before each access through
+    a mapping turns a file that another program cut short into a typed
+    error. It narrows the window, it cannot close it: a cut between the
+    check and the access still faults.
+    """
+
+    def __init__(self) -> None:
+        self._files: list[tuple[int, int, str]] = []  # fd, size at open, what it is
+
+    def watch(self, path: str, what: str) -> None:
+        """Check ``path`` (``what`` names it in errors) from now on.
+
+        Raises:
+            StoreError: it cannot be opened.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"cannot open {path!r}: {e}") from e
+        self._files.append((fd, os.fstat(fd).st_size, what))
+
+    def check(self) -> None:
+        """Raises:
+        StoreError: a watched file is shorter than it was at open."""
+        for fd, size, what in self._files:
+            now = os.fstat(fd).st_size
+            if now < size:
+                raise StoreError(
+                    f"the {what} ends at byte {now}, short of its {size} bytes: another program "
+                    "cut it short while the store had it open (nothing was read or written)"
+                )
+
+    def close(self) -> None:
+        """Stop watching (idempotent)."""
+        for fd, _, _ in self._files:
+            os.close(fd)
+        self._files = []

@@ -248,6 +248,7 @@ class SlotFileStore(SwapStore):
         except OSError as e:
             raise StoreError(f"cannot open or map the slot file {path!r}: {e}") from e
         self._view = memoryview(self._mmap)
+        self._mapped.watch(path, "slot file")
         self._alloc = SlotAllocator(self.size_bytes // PAGE_BYTES)
         self.capacity_bytes = self.size_bytes
         if self.durability is Durability.DIRECT:
@@ -295,6 +296,7 @@ class SlotFileStore(SwapStore):
     def _write_chunks(
         self, key: int, extents: Extents, src: Chunks, plans: list[ChunkPlan], hashed: bool
     ) -> list[int | None]:
+        self._mapped.check()  # a write past a cut would leave a hole the size check misses
         sums: list[int | None] = []
         for plan in plans:
             n = plan.stored_bytes
@@ -323,6 +325,7 @@ class SlotFileStore(SwapStore):
         return sums
 
     def _write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry] | None:
+        self._mapped.check()
         counts = [-(-n // PAGE_BYTES) for _, n in layout]
         total = sum(counts)
         with self._lock:
@@ -470,11 +473,13 @@ class SlotFileStore(SwapStore):
 
     @contextlib.contextmanager
     def _lend(self, entries: list[Entry], labels: list[str]) -> Iterator[list[LentChunks | None]]:
-        # Runs of the mapping. Not for ``direct``, whose reads bypass the page
-        # cache, nor for large entries (see LEND_MAX_BYTES).
+        # Runs of the mapping, once the file is seen whole. Not for ``direct``,
+        # whose reads bypass the page cache, nor for large entries (see
+        # LEND_MAX_BYTES).
         if self.durability is Durability.DIRECT:
             yield [None] * len(entries)
             return
+        self._mapped.check()
         lent: list[LentChunks | None] = []
         for entry in entries:
             if entry.nbytes >= LEND_MAX_BYTES:
