@@ -38,8 +38,8 @@ sample.
     python benchmarks/evict_steps.py [--reps 200] [--sizes 1048576]
     python benchmarks/evict_steps.py --sizes 16777216,67108864 --reps 30 --lend-max 1099511627776
 
-(the second: lent restores against ``read_into`` at sizes the slot file no
-longer lends, the measurement behind ``LEND_MAX_BYTES``).
+(the second: lent restores against ``read_into`` at sizes where the stores
+lend only entries they hash, the measurement behind ``LEND_MAX_BYTES``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ import pyopencl as cl
 
 from gpubo._transfer import upload_lent
 from gpubo.backends.opencl import OpenCLBackend
-from gpubo.store import open_store, slotfile
+from gpubo.store import base as store_base
+from gpubo.store import open_store
 from gpubo.store.base import SwapStore, ViewChunks
 from gpubo.store.entry import scan_zero_pages
 
@@ -244,14 +245,14 @@ def _sizes(_ctx: object, _param: object, value: str) -> list[int]:
     "--lend-max",
     type=click.IntRange(min=1),
     default=None,
-    help=f"the slot file lends entries below this many bytes [default: {slotfile.LEND_MAX_BYTES}]",
+    help=f"the stores lend unhashed entries below this many bytes [default: {store_base.LEND_MAX_BYTES}]",
 )
 @click.option("--json", "as_json", is_flag=True, help="print only the table, as JSON")
 def main(
     reps: int, warmup: int, sizes: list[int], directory: str | None, lend_max: int | None, as_json: bool
 ) -> None:
     if lend_max is not None:
-        slotfile.LEND_MAX_BYTES = lend_max  # read at each lend: lent_chunks against read_into at any size
+        store_base.LEND_MAX_BYTES = lend_max  # read at each lend: lent_chunks against read_into at any size
     backend = OpenCLBackend()
     say: Callable[[str], None] = (lambda _: None) if as_json else click.echo
     say(f"device: {backend.name}; {reps} reps after {warmup}; p50 in microseconds")
@@ -280,7 +281,7 @@ def main(
                         if ratio in row:
                             say(f"  {ratio}: {row[ratio]['p50_ratio']:.2f}x")
     if as_json:
-        doc = {"reps": reps, "warmup": warmup, "lend_max_bytes": slotfile.LEND_MAX_BYTES, "cases": out}
+        doc = {"reps": reps, "warmup": warmup, "lend_max_bytes": store_base.LEND_MAX_BYTES, "cases": out}
         click.echo(json.dumps(doc, indent=1))
 
 

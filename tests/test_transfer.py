@@ -252,21 +252,24 @@ def test_a_bounce_eviction_stores_no_zero_page(make_mgr: MakeMgr) -> None:
 
 
 @pytest.mark.parametrize("checksums", [True, False])
-def test_a_slot_file_bo_too_large_to_lend_is_read_back_exactly(make_mgr: MakeMgr, checksums: bool) -> None:
-    """A slot-file entry of at least LEND_MAX_BYTES is not lent: its restore
-    maps the device buffer for writing and the store reads into it with
-    preadv; one just below the limit is copied from the lent mapping."""
-    from gpubo.store.slotfile import LEND_MAX_BYTES
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+def test_a_bo_too_large_to_lend_unhashed_is_read_back_exactly(
+    make_mgr: MakeMgr, backend: str, checksums: bool
+) -> None:
+    """An entry of at least LEND_MAX_BYTES is lent only when the host hashes
+    it: without checksums its restore maps the device buffer for writing and
+    the store reads into it. One just below the limit is always lent."""
+    from gpubo.store.base import LEND_MAX_BYTES
 
     m = make_mgr(
         budget=2 * LEND_MAX_BYTES + 8 * MiB,
         store_size=2 * LEND_MAX_BYTES + 64 * MiB,
-        store_backend="slotfile",
+        store_backend=backend,
         checksums=checksums,
         transfer="map",
     )
     calls = Calls(m)
-    for n, read in [(LEND_MAX_BYTES + 4097, True), (LEND_MAX_BYTES - 4096, False)]:
+    for n, read in [(LEND_MAX_BYTES + 4097, not checksums), (LEND_MAX_BYTES - 4096, False)]:
         data = pattern(n, n % 251)
         bo = m.alloc(n)
         bo.write(data)
@@ -287,8 +290,10 @@ def test_a_damaged_slot_file_fails_a_large_restore_with_a_typed_error(
     """A large restore verifies what it read, and a file that shrank while
     the store had it open (another program) is a StoreError that says where
     it ends, not the SIGBUS a read of the mapping past the file's end would
-    be: the entry is read with preadv, which reports the short read."""
-    from gpubo.store.slotfile import LEND_MAX_BYTES
+    be: with checksums the entry is lent, and the lend checks the file's
+    size first; without, it is read with preadv, which reports the short
+    read."""
+    from gpubo.store.base import LEND_MAX_BYTES
 
     store = tmp_path / "s"
     m = make_mgr(

@@ -81,6 +81,7 @@ from gpubo.store.records import RecordTable
 __all__ = [
     "CHUNK_BYTES",
     "FORMAT_VERSION",
+    "LEND_MAX_BYTES",
     "PAGE_BYTES",
     "ChunkPlan",
     "Chunks",
@@ -110,6 +111,18 @@ _STORE_FILES = frozenset({STATE_NAME, "data.mdb", "lock.mdb", "slots.bin", "slot
 #: What :meth:`SwapStore.lent_chunks` lends of one entry: per chunk, its
 #: stored bytes as one or more read-only segments, in order.
 LentChunks = list[list[memoryview]]
+
+
+#: Entries at least this big are lent (:meth:`SwapStore.lent_chunks`) only
+#: when the host hashes them: the hashing then overlaps the device's copy
+#: from the lent view. Without it, :meth:`SwapStore.read_into` (``preadv``
+#: or a numpy copy into a mapping of the device buffer) copies faster. On
+#: PoCL at 64 MiB (medians of 3 runs): without checksums, reading took 0.94x
+#: (LMDB) and 0.84x (slot file) the time of lending; with them, lending took
+#: 0.84x and 0.95x the time of reading (``python benchmarks/evict_steps.py
+#: --sizes 33554432,67108864 --reps 30 --warmup 3 --lend-max 1099511627776``;
+#: BENCHMARKS.md, "Issue 16, fourth round").
+LEND_MAX_BYTES = 32 << 20
 
 
 def verify_chunk(
@@ -697,7 +710,7 @@ class SwapStore(RecordTable, ABC):
         order, in one piece unless the store holds them in several runs),
         or None where the store cannot lend the entry (zero pages in it,
         more than ``max_chunks`` chunks, ``direct`` durability, an LMDB chunk
-        written in pages): read it with :meth:`read_into`. All views stay
+        written in pages, :data:`LEND_MAX_BYTES`): read it with :meth:`read_into`. All views stay
         valid until the ``with`` block ends (one LMDB read transaction).
 
         The caller checks each chunk with :meth:`check_lent`, typically
@@ -714,6 +727,7 @@ class SwapStore(RecordTable, ABC):
             if e.zeromap is None
             and e.stored_bytes == e.nbytes
             and (max_chunks is None or e.nbytes <= max_chunks * CHUNK_BYTES)
+            and (e.nbytes < LEND_MAX_BYTES or hashes_stream(e, True))
         ]
         out: list[LentChunks | None] = [None] * len(entries)
         with self._lend([entries[i] for i in lendable], [labels[i] for i in lendable]) as lent:

@@ -6,11 +6,13 @@ extents (see :mod:`gpubo.store.slots`). Eviction writes from the mapped
 device buffer straight into the slots with ``pwrite`` (one copy, into the
 page cache; copying into the mapping instead takes a page fault per 4 KiB
 once the file has been written back). Restore copies from the mapping
-straight to the device (entries the store lends: below
-:data:`LEND_MAX_BYTES`, no zero page), or reads with ``preadv`` into the
-destination (a mapped device buffer or a bounce buffer), which is faster
-for large entries and turns a slot file cut short under the store into a
-StoreError instead of a SIGBUS.
+straight to the device (entries the store lends: no zero page, and below
+:data:`~gpubo.store.base.LEND_MAX_BYTES` unless hashed), or reads with
+``preadv`` into the destination (a mapped device buffer or a bounce
+buffer), which is faster for large entries without checksums. A slot file
+cut short under the store is a StoreError, not a SIGBUS: ``preadv`` reports
+the short read, and each lend first checks the file's size
+(:class:`~gpubo.store.integrity.MappedFiles`).
 Only named records touch LMDB (a small metadata environment beside the slot
 file); the slot map itself is not saved: it is rebuilt from the records when
 the store is opened, so anonymous entries of a dead process are free again
@@ -40,6 +42,7 @@ import numpy as np
 from gpubo._errors import StoreError, StoreFull
 from gpubo.store.base import (
     CHUNK_BYTES,
+    LEND_MAX_BYTES,
     PAGE_BYTES,
     ChunkPlan,
     Chunks,
@@ -66,15 +69,6 @@ log = logging.getLogger(__name__)
 
 _SLOTS_NAME = "slots.bin"
 
-#: Entries at least this big are not lent (``lent_chunks``) but read with
-#: ``preadv`` into the destination. On PoCL a 64 MiB entry restores in
-#: 0.83-0.96x the time that way with checksums off and in 0.97-0.99x with
-#: them on; at 16 MiB with checksums lending is faster (its
-#: hashing overlaps the device's copy), and at 1 MiB by far (one copy
-#: command against a map and an unmap). ``python benchmarks/evict_steps.py
-#: --sizes 16777216,67108864 --lend-max 1099511627776`` measures both
-#: (BENCHMARKS.md, "Issue 16, closing A/B").
-LEND_MAX_BYTES = 32 << 20
 Extents = tuple[tuple[int, int], ...]
 
 
@@ -457,9 +451,9 @@ class SlotFileStore(SwapStore):
     def _pread_plan(self, entry: Entry, plan: ChunkPlan, out: np.ndarray, hasher: Hasher | None) -> None:
         """Read ``plan``'s stored bytes into ``out``, its chunk, with
         ``preadv``, not a copy out of the mapping: faster for large entries
-        (see LEND_MAX_BYTES), and a file cut short under the store is a
-        StoreError, not a SIGBUS. With a ``hasher``, each step is hashed where
-        it landed, while it is still in cache."""
+        without checksums (see LEND_MAX_BYTES), and a file cut short under
+        the store is a StoreError, not a SIGBUS. With a ``hasher``, each
+        step is hashed where it landed, while it is still in cache."""
         base = plan.index * CHUNK_BYTES
         pieces = [(s - base, e - s) for s, e in plan.pieces]
         segs = list(_segments(entry.extents, plan.stream_offset, plan.stored_bytes))
@@ -474,17 +468,13 @@ class SlotFileStore(SwapStore):
     @contextlib.contextmanager
     def _lend(self, entries: list[Entry], labels: list[str]) -> Iterator[list[LentChunks | None]]:
         # Runs of the mapping, once the file is seen whole. Not for ``direct``,
-        # whose reads bypass the page cache, nor for large entries (see
-        # LEND_MAX_BYTES).
+        # whose reads bypass the page cache.
         if self.durability is Durability.DIRECT:
             yield [None] * len(entries)
             return
         self._mapped.check()
         lent: list[LentChunks | None] = []
         for entry in entries:
-            if entry.nbytes >= LEND_MAX_BYTES:
-                lent.append(None)
-                continue
             lent.append(
                 [
                     [
