@@ -348,3 +348,33 @@ def test_a_store_file_cut_short_is_a_store_error_not_a_sigbus(
     assert b.state is gpubo.State.RESIDENT
     assert np.array_equal(b.read(), resident)
     check_budget(m)
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "slotfile"])
+def test_a_batched_write_to_a_store_file_cut_short_takes_no_space(tmp_path: Path, backend: str) -> None:
+    """A batch of small entries written after the store's data file was cut
+    short fails with a StoreError before any space is taken: the store's
+    used bytes stay as they were. An older entry is read through LMDB's
+    map, which the store no longer touches (a StoreError), and from the
+    slot file with preadv, which reads it exactly: its slot is in the part
+    that is left."""
+    from gpubo.store import open_store
+
+    store = open_store(tmp_path / "s", 64 * MiB, backend=backend)
+    try:
+        src = pattern(64 * KiB, 41)
+        older = store.write_batch(memoryview(src), [(0, 4096)])
+        used = store.used_bytes
+        os.truncate(tmp_path / "s" / ("slots.bin" if backend == "slotfile" else "data.mdb"), 4096)
+        with pytest.raises(gpubo.StoreError, match="ends at byte 4096"):
+            store.write_batch(memoryview(src), [(0, 4096), (8192, 4096)])
+        assert store.used_bytes == used
+        out = np.empty(4096, np.uint8)
+        if backend == "lmdb":
+            with pytest.raises(gpubo.StoreError, match="ends at byte 4096"):
+                store.read_into(older[0], memoryview(out), "older")
+        else:
+            store.read_into(older[0], memoryview(out), "older")
+            assert np.array_equal(out, src[:4096])
+    finally:
+        store.close()

@@ -385,7 +385,9 @@ class SwapStore(RecordTable, ABC):
         its stored bytes and zero pages (:func:`zero_fill_plan`), verify it
         (:func:`verify_chunk`; :func:`hashes_stream` says whether to feed its
         stored bytes to a :class:`Hasher` as they are copied) unless not
-        ``verify``, then ``dst.filled(plan.index)``."""
+        ``verify``, then ``dst.filled(plan.index)``. Where
+        :func:`hashes_aside`, every chunk is filled first, then each is
+        verified and marked filled, in order (:func:`read_verified_aside`)."""
 
     @abstractmethod
     def _unplace(self, entry: Entry) -> None:

@@ -110,14 +110,18 @@ def copy_hashing_aside(
     """Run ``copy`` (which writes the plans' bytes of ``view`` without
     hashing them) while the worker computes :func:`hash_plans`; the hashes.
     ``copy``'s error is raised once the worker is done with ``view``."""
-    future = hash_plans_async(view, plans)
-    if future is None:
-        copy()
-        return hash_plans(view, plans)
+    future: Future[list[int | None]] | None = None
     try:
+        future = hash_plans_async(view, plans)
+        if future is None:
+            copy()
+            return hash_plans(view, plans)
         copy()
-    finally:
-        _outlive([future])
+    except BaseException:
+        _outlive([] if future is None else [future])
+        _drain()  # a Ctrl-C may have cut in between the submit and the assignment
+        raise
+    _outlive([future])
     return future.result()
 
 
@@ -153,9 +157,27 @@ def read_hashing_aside(
                 hand_off()
         if group:
             hand_off()
-    finally:
+    except BaseException:
         _outlive(pending)
+        _drain()  # a Ctrl-C may have cut in between a submit and its append
+        raise
+    _outlive(pending)
     return [digest for future in pending for digest in future.result()]
+
+
+def _drain() -> None:
+    """Wait until the worker has run everything submitted to it so far (it
+    runs its queue in order): on an error path, the hashing of a view whose
+    future the caller never got must end before the view may go."""
+    with _lock:
+        pool = _pool
+    if pool is None:
+        return
+    try:
+        barrier: Future[list[int | None]] = pool.submit(list)
+    except RuntimeError:  # shutting down: the interpreter joins the worker before it frees anything
+        return
+    _outlive([barrier])
 
 
 def _outlive(pending: Sequence[Future[list[int | None]]]) -> None:

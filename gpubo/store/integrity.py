@@ -24,6 +24,7 @@ the store is a :class:`~gpubo.StoreError` at the next access, not a SIGBUS.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -215,13 +216,21 @@ class MappedFiles:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise StoreError(f"cannot open {path!r}: {e}") from e
-        self._files.append((fd, os.fstat(fd).st_size, what))
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise StoreError(f"cannot stat {path!r}: {e}") from e
+        self._files.append((fd, size, what))
 
     def check(self) -> None:
         """Raises:
         StoreError: a watched file is shorter than it was at open."""
         for fd, size, what in self._files:
-            now = os.fstat(fd).st_size
+            try:
+                now = os.fstat(fd).st_size
+            except OSError as e:  # the store was closed under this call
+                raise StoreError(f"cannot stat the {what}: {e}") from e
             if now < size:
                 raise StoreError(
                     f"the {what} ends at byte {now}, short of its {size} bytes: another program "
@@ -230,6 +239,7 @@ class MappedFiles:
 
     def close(self) -> None:
         """Stop watching (idempotent)."""
-        for fd, _, _ in self._files:
-            os.close(fd)
-        self._files = []
+        files, self._files = self._files, []
+        for fd, _, _ in files:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -254,6 +254,7 @@ class LmdbStore(SwapStore):
         return sums
 
     def _write_batch(self, src: memoryview, layout: Sequence[tuple[int, int]]) -> list[Entry] | None:
+        env = self._require_env()  # before the space is taken: it raises on a cut file
         footprints = [_pages(n) for _, n in layout]
         total = sum(footprints)
         with self._lock:
@@ -267,7 +268,6 @@ class LmdbStore(SwapStore):
             first_key = self._next_key
             self._next_key += len(layout)
             self._used_bytes += total
-        env = self._require_env()
         entries: list[Entry] = []
         committed = False
         try:

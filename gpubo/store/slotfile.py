@@ -12,7 +12,8 @@ straight to the device (entries the store lends: no zero page, and below
 buffer), which is faster for large entries without checksums. A slot file
 cut short under the store is a StoreError, not a SIGBUS: ``preadv`` reports
 the short read, and each lend first checks the file's size
-(:class:`~gpubo.store.integrity.MappedFiles`).
+(:class:`~gpubo.store.integrity.MappedFiles`; a cut during the device's copy
+from a lent view can still fault).
 Only named records touch LMDB (a small metadata environment beside the slot
 file); the slot map itself is not saved: it is rebuilt from the records when
 the store is opened, so anonymous entries of a dead process are free again
