@@ -170,12 +170,14 @@ def hashes_stream(entry: Entry, verify: bool) -> bool:
     return verify and entry.checksums is not None and entry.hashing == XXH3
 
 
-def hashes_aside(entry: Entry, dst: Chunks, hashed: bool) -> bool:
-    """Whether a read of ``entry`` into ``dst`` hashes on the worker
-    (:func:`read_verified_aside`): a large entry that is hashed, read into
-    one view that stays valid for the whole read (not a sink whose chunks
-    are refilled under the store)."""
-    return hashed and isinstance(dst, ViewChunks) and entry.nbytes >= PARALLEL_HASH_MIN_BYTES
+def hashes_aside(entry: Entry, dst: Chunks, hashed: bool) -> ViewChunks | None:
+    """``dst`` where a read of ``entry`` into it hashes on the worker
+    (:func:`read_verified_aside`), else None: a large entry that is hashed,
+    read into one view that stays valid for the whole read (not a sink
+    whose chunks are refilled under the store)."""
+    if hashed and isinstance(dst, ViewChunks) and entry.nbytes >= PARALLEL_HASH_MIN_BYTES:
+        return dst
+    return None
 
 
 def read_verified_aside(
@@ -712,8 +714,9 @@ class SwapStore(RecordTable, ABC):
         order, in one piece unless the store holds them in several runs),
         or None where the store cannot lend the entry (zero pages in it,
         more than ``max_chunks`` chunks, ``direct`` durability, an LMDB chunk
-        written in pages, :data:`LEND_MAX_BYTES`): read it with :meth:`read_into`. All views stay
-        valid until the ``with`` block ends (one LMDB read transaction).
+        written in pages, an unhashed entry of :data:`LEND_MAX_BYTES` or
+        more): read it with :meth:`read_into`. All views stay valid until
+        the ``with`` block ends (one LMDB read transaction).
 
         The caller checks each chunk with :meth:`check_lent`, typically
         right after enqueueing its copy, so that hashing runs while the

@@ -37,7 +37,6 @@ from gpubo.store.base import (
     Entry,
     LentChunks,
     SwapStore,
-    ViewChunks,
     hashes_aside,
     hashes_stream,
     plan_chunks,
@@ -297,11 +296,11 @@ class LmdbStore(SwapStore):
         env = self._require_env()
         try:
             with env.begin(db=self._data_db, buffers=True) as txn:
-                if hashes_aside(entry, dst, hashed):
-                    assert isinstance(dst, ViewChunks)
+                aside = hashes_aside(entry, dst, hashed)
+                if aside is not None:
                     read_verified_aside(
                         entry,
-                        dst,
+                        aside,
                         plans,
                         label,
                         lambda plan, out: self._copy_plan(txn, entry, plan, out, label, None),

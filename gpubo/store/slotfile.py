@@ -51,7 +51,6 @@ from gpubo.store.base import (
     Entry,
     LentChunks,
     SwapStore,
-    ViewChunks,
     hashes_aside,
     hashes_stream,
     plan_chunks,
@@ -417,10 +416,10 @@ class SlotFileStore(SwapStore):
         self, entry: Entry, dst: Chunks, plans: list[ChunkPlan], label: str, verify: bool
     ) -> None:
         hashed = hashes_stream(entry, verify)
-        if self.durability is not Durability.DIRECT and hashes_aside(entry, dst, hashed):
-            assert isinstance(dst, ViewChunks)
+        aside = hashes_aside(entry, dst, hashed) if self.durability is not Durability.DIRECT else None
+        if aside is not None:
             read_verified_aside(
-                entry, dst, plans, label, lambda plan, out: self._pread_plan(entry, plan, out, None)
+                entry, aside, plans, label, lambda plan, out: self._pread_plan(entry, plan, out, None)
             )
             return
         for plan in plans:
